@@ -63,30 +63,32 @@ def atomic_write(path, mode: str = "wb") -> Iterator[IO]:
 
 @contextlib.contextmanager
 def atomic_directory(path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``path`` that becomes ``path`` on success.
+    """Yield a not-yet-existing staging path with the same name as ``path``; on success the
+    caller-created directory there becomes ``path`` in one rename.
 
+    The staging path lives in a hidden temporary directory beside ``path`` and carries the final
+    name, so tools that name files after their directory (rosbag2 does) get the final names.
     An existing ``path`` is an error unless ``overwrite`` is true; then it is replaced only once
     the new content is complete.
     """
     path = Path(path)
-    if not path.parent.is_dir():
+    if not path.name or not path.parent.is_dir():
         raise FileNotFoundError(f"cannot create {path}: directory {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    tmp = _temp_sibling(path)
-    tmp.mkdir()
+    staging = _temp_sibling(path)
+    staging.mkdir()
     try:
-        yield tmp
+        target = staging / path.name
+        yield target
+        if not target.is_dir():
+            raise RuntimeError(f"atomic_directory: nothing was written at {target}")
         if path.exists():
-            old = _temp_sibling(path)
+            old = staging / (path.name + ".old")
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +395,7 @@ def write_tum_rgbd_folder(seq, path, overwrite: bool = False) -> Path:
     if len(set(names)) != n:
         raise ValueError("seq.stamps_ns has duplicate timestamps; TUM file names must be unique")
     with atomic_directory(path, overwrite=overwrite) as tmp:
+        tmp.mkdir()
         (tmp / "rgb").mkdir()
         (tmp / "depth").mkdir()
         for name, image, d in zip(names, images, depth):
@@ -403,7 +406,7 @@ def write_tum_rgbd_folder(seq, path, overwrite: bool = False) -> Path:
             (tmp / f"{kind}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         write_tum_trajectory(tmp / "groundtruth.txt", stamps, poses)
         h, w = images.shape[1:3]
+        focal_centre = " ".join(repr(float(v)) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
         (tmp / "intrinsics.txt").write_text(
-            "# fx fy cx cy width height\n"
-            " ".join(repr(float(v)) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2])) + f" {w} {h}\n", encoding="utf-8")
+            f"# fx fy cx cy width height\n{focal_centre} {w} {h}\n", encoding="utf-8")
     return Path(path)
