@@ -1,0 +1,299 @@
+"""Loading weights: state dicts, .pt/.pth/.safetensors files, Hugging Face directories, hub ids.
+
+Loading is strict by default: any missing, unexpected or wrong-shape entry raises
+:class:`CheckpointMismatchError` listing all of them. Entries of heads that were switched off
+when the model was built (``build_model(..., enable_point=False)``) are skipped, so an official
+checkpoint still loads into a model without those heads.
+
+Memory: tensors are read lazily (safetensors ``safe_open``; ``torch.load(mmap=True)``) and moved
+into the model one at a time. A model built on the meta device receives the checkpoint tensors
+themselves (``assign``), so at no point do two full fp32 copies of the weights exist.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .registry import DEFAULT_SOURCES, build_model
+
+_WEIGHT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's entries do not match the model's state dict."""
+
+    def __init__(self, missing: list[str], unexpected: list[str], wrong_shape: list[tuple[str, tuple, tuple]]):
+        self.missing = missing
+        self.unexpected = unexpected
+        self.wrong_shape = wrong_shape
+        super().__init__(self._message())
+
+    def _message(self, limit: int = 20) -> str:
+        def block(title: str, items: list[str]) -> str:
+            shown = items[:limit]
+            more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+            return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in shown) + more
+
+        parts = ["checkpoint does not match the model state dict:"]
+        if self.missing:
+            parts.append(block("missing keys", self.missing))
+        if self.unexpected:
+            parts.append(block("unexpected keys", self.unexpected))
+        if self.wrong_shape:
+            parts.append(block("wrong shapes (key: checkpoint vs model)",
+                               [f"{k}: {list(c)} vs {list(m)}" for k, c, m in self.wrong_shape]))
+        return "\n".join(parts)
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file or source could not be read."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources -> lazy tensor tables {name: (shape, loader)}
+
+_Table = dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]
+
+
+def _table_from_mapping(sd: Mapping[str, torch.Tensor]) -> _Table:
+    table: _Table = {}
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointReadError(
+                f"a state dict must map str names to tensors; entry {k!r} is a {type(v).__name__}"
+            )
+        table[k] = (tuple(v.shape), (lambda t=v: t))
+    return table
+
+
+def _unwrap(obj, origin: str) -> Mapping[str, torch.Tensor]:
+    """Accept a plain state dict or the common ``{"model": sd}`` / ``{"state_dict": sd}`` wrappers."""
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in ("model", "state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    raise CheckpointReadError(f"{origin} does not contain a state dict (a mapping of names to tensors)")
+
+
+def _table_from_safetensors(path: Path) -> _Table:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        keys = list(handle.keys())
+        table: _Table = {}
+        for k in keys:
+            table[k] = (tuple(handle.get_slice(k).get_shape()), (lambda k=k: handle.get_tensor(k)))
+        return table
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointReadError(f"cannot read safetensors file {path}: {exc}") from exc
+
+
+def _table_from_torch_file(path: Path) -> _Table:
+    try:
+        # mmap keeps the tensors file-backed; weights_only refuses arbitrary pickled code.
+        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        try:  # legacy (non-zip) torch.save files cannot be memory-mapped
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:
+            raise CheckpointReadError(f"cannot read torch checkpoint {path}: {exc}") from exc
+    except Exception as exc:
+        raise CheckpointReadError(f"cannot read torch checkpoint {path}: {exc}") from exc
+    return _table_from_mapping(_unwrap(obj, str(path)))
+
+
+def _table_from_file(path: Path) -> _Table:
+    if not path.is_file():
+        raise CheckpointReadError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        return _table_from_safetensors(path)
+    if path.suffix in {".pt", ".pth", ".bin", ".ckpt"}:
+        return _table_from_torch_file(path)
+    raise CheckpointReadError(f"unsupported checkpoint type {path.suffix!r} ({path}); expected .safetensors, .pt or .pth")
+
+
+def _weights_in_directory(path: Path) -> Path:
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointReadError(f"no weights in directory {path}: expected one of {', '.join(_WEIGHT_FILES)}")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a declared dependency
+        raise CheckpointReadError("huggingface_hub is required to load hub ids") from exc
+    try:
+        return Path(hf_hub_download(repo_id, "model.safetensors"))
+    except Exception as exc:
+        raise CheckpointReadError(
+            f"could not get 'model.safetensors' of Hugging Face repo {repo_id!r} ({type(exc).__name__}: {exc}). "
+            f"Offline? On a machine with internet access run "
+            f"`huggingface-cli download {repo_id} model.safetensors config.json --local-dir <dir>` "
+            f"and pass that directory (or the file) as the source; files already in the Hugging Face "
+            f"cache are used automatically."
+        ) from exc
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def _open_source(source) -> _Table:
+    if isinstance(source, Mapping):
+        return _table_from_mapping(_unwrap(source, "the given state dict"))
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return _table_from_file(_weights_in_directory(path))
+        if path.exists():
+            return _table_from_file(path)
+        if isinstance(source, str) and _looks_like_hub_id(source) and not path.suffix:
+            return _table_from_file(_download_from_hub(source))
+        raise CheckpointReadError(f"checkpoint source not found: {source} (not a file, directory or hub id 'org/name')")
+    raise TypeError(f"source must be a state dict, a path or a hub id, got {type(source).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check(model_shapes: dict[str, tuple], table: _Table, ignored_prefixes: tuple[str, ...]) -> list[str]:
+    """Compare names and shapes; returns the checkpoint keys to skip (disabled heads)."""
+    skipped = [k for k in table if k not in model_shapes and k.startswith(ignored_prefixes)] if ignored_prefixes else []
+    skip = set(skipped)
+    missing = [k for k in model_shapes if k not in table]
+    unexpected = [k for k in table if k not in model_shapes and k not in skip]
+    wrong = [(k, table[k][0], model_shapes[k]) for k in model_shapes if k in table and tuple(table[k][0]) != model_shapes[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointMismatchError(missing, unexpected, wrong)
+    return skipped
+
+
+def _named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """state-dict name -> (owning module, attribute name, tensor), for parameters and persistent buffers."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for name, param in mod.named_parameters(recurse=False):
+            out[prefix + name] = (mod, name, param)
+        for name, buf in mod.named_buffers(recurse=False):
+            if name not in mod._non_persistent_buffers_set:
+                out[prefix + name] = (mod, name, buf)
+    return out
+
+
+def load_weights(
+    model: nn.Module,
+    source,
+    *,
+    strict: bool = True,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Load ``source`` into ``model`` and return it (in eval mode).
+
+    Args:
+        source: a state dict, a ``.safetensors`` / ``.pt`` / ``.pth`` file, a directory with
+            ``model.safetensors`` (Hugging Face layout, ``config.json`` optional) or a hub id
+            such as ``"facebook/VGGT-1B"``.
+        strict: raise :class:`CheckpointMismatchError` on any mismatch (default). With
+            ``strict=False`` matching entries are loaded and the rest ignored; shape mismatches
+            still raise.
+        device / dtype: where and in which floating dtype the weights end up (default: the
+            model's current device and dtype; meta models default to CPU).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    table = _open_source(source)
+    targets = _named_tensors(model)
+    model_shapes = {k: tuple(t.shape) for k, (_, _, t) in targets.items()}
+    ignored = model.disabled_head_prefixes() if hasattr(model, "disabled_head_prefixes") else ()
+    if strict:
+        _check(model_shapes, table, ignored)
+    else:
+        present = {k: v for k, v in table.items() if k in model_shapes}
+        wrong = [(k, present[k][0], model_shapes[k]) for k in present if tuple(present[k][0]) != model_shapes[k]]
+        if wrong:
+            raise CheckpointMismatchError([], [], wrong)
+    target_device = torch.device(device) if device is not None else None
+    with torch.no_grad():
+        for name, (module, attr, current) in targets.items():
+            if name not in table:
+                continue
+            tensor = table[name][1]()
+            want_dtype = dtype if dtype is not None else (current.dtype if current.is_floating_point() else tensor.dtype)
+            want_device = target_device or (torch.device("cpu") if current.is_meta else current.device)
+            if tensor.is_floating_point():
+                tensor = tensor.to(device=want_device, dtype=want_dtype)
+            else:
+                tensor = tensor.to(device=want_device)
+            if current.is_meta or current.device != want_device or current.dtype != tensor.dtype:
+                # Take the checkpoint tensor itself: no second copy, works for meta models.
+                if isinstance(current, nn.Parameter):
+                    setattr(module, attr, nn.Parameter(tensor, requires_grad=current.requires_grad))
+                else:
+                    setattr(module, attr, tensor)
+            else:
+                current.copy_(tensor)
+            del tensor
+    leftovers = [k for k, (_, _, t) in _named_tensors(model).items() if t.is_meta]
+    if leftovers and strict:
+        raise CheckpointReadError(f"{len(leftovers)} tensors are still on the meta device after loading: {leftovers[:5]}")
+    # Tensors that are not in the state dict (e.g. non-persistent buffers) follow the weights.
+    if target_device is not None or dtype is not None:
+        model.to(device=target_device, dtype=dtype) if dtype is not None else model.to(device=target_device)
+    return model.eval()
+
+
+def _check_hf_config(directory: Path, model: nn.Module) -> None:
+    """If a Hugging Face ``config.json`` names architecture numbers, they must match the preset."""
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file() or not hasattr(model, "config"):
+        return
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointReadError(f"cannot parse {cfg_path}: {exc}") from exc
+    for key in ("embed_dim", "patch_size", "img_size"):
+        if key in cfg and hasattr(model.config, key) and cfg[key] != getattr(model.config, key):
+            raise CheckpointMismatchError(
+                [], [], [(f"config.json:{key}", (cfg[key],), (getattr(model.config, key),))]
+            )
+
+
+def load_pretrained(
+    preset: str,
+    source=None,
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> nn.Module:
+    """Build ``preset`` on the meta device and load ``source`` (default: the preset's hub repo).
+
+    Peak memory is one copy of the weights in ``dtype``. ``overrides`` go to :func:`build_model`
+    (e.g. ``enable_point=False``; that head's checkpoint entries are then skipped).
+    """
+    if source is None:
+        source = DEFAULT_SOURCES.get(preset)
+        if source is None:
+            raise ValueError(f"preset {preset!r} has no published checkpoint; pass source=<file or state dict>")
+    model = build_model(preset, device="meta", **overrides)
+    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
+        _check_hf_config(Path(source).expanduser(), model)
+    return load_weights(model, source, strict=True, device=device, dtype=dtype)
