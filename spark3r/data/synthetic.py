@@ -382,12 +382,13 @@ def render_view(c2w: np.ndarray, K: np.ndarray, height: int, width: int, seed: i
     eye = c2w[:3, 3]
     if np.any(eye <= ROOM_MIN) or np.any(eye >= ROOM_MAX):
         raise ValueError(f"camera centre {eye} is outside the room {ROOM_MIN}..{ROOM_MAX}")
+    inside_box = any(np.all((eye > lo) & (eye < hi)) for lo, hi in BOXES)
+    if inside_box or any(np.linalg.norm(eye - np.asarray(c)) < r for c, r in SPHERES):
+        raise ValueError(f"camera centre {eye} is inside an object of the scene")
     rays_cam = pixel_rays(K, height, width).reshape(-1, 3)  # z = 1, so t below is z-depth
     dirs = rays_cam @ c2w[:3, :3].T
     origins = np.broadcast_to(eye, dirs.shape)
     t, surface, normal = _cast(origins, dirs)
-    if not np.all(np.isfinite(t)):
-        raise ValueError("camera pose inside an object: some rays hit nothing")
     points = origins + t[:, None] * dirs
     # Metres covered by one pixel on the surface: range / focal, stretched at grazing angles.
     ray_len = np.linalg.norm(dirs, axis=-1)
