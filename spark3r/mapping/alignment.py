@@ -111,7 +111,8 @@ def robust_sim3(
     dst: np.ndarray,
     weights: np.ndarray | None = None,
     iterations: int = 20,
-    trim_fraction: float = 0.5,
+    hypotheses: int = 64,
+    seed: int = 0,
     cauchy_c: float = 2.3849,
     inlier_sigmas: float = 3.0,
     min_sigma: float = 1e-9,
@@ -119,20 +120,16 @@ def robust_sim3(
 ) -> AlignmentResult:
     """Confidence-weighted robust similarity ``dst ~ scale * R @ src + t``.
 
-    Start: a plain weighted fit, then a refit on the ``trim_fraction`` of pairs with the smallest
-    residuals. Then IRLS: weights = prior weight x Cauchy(residual / (cauchy_c * sigma)), sigma =
-    1.4826 x weighted median residual (floored at ``min_sigma`` times the dst spread). Inliers are
-    residuals below ``inlier_sigmas * sigma``.
+    Start: least median of squares over the plain weighted fit and ``hypotheses`` fits of random
+    4-pair subsets (seeded, so results are reproducible; survives up to ~50 % outliers). Then IRLS:
+    weights = prior weight x Cauchy(residual / (cauchy_c * sigma)), sigma = 1.4826 x weighted
+    median residual (floored at ``min_sigma`` times the dst spread). Inliers are residuals below
+    ``inlier_sigmas * sigma``.
     """
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
     prior = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
-    T = umeyama(src, dst, prior, with_scale)
-    if len(src) >= 6 and 0 < trim_fraction < 1:
-        r = np.linalg.norm(T.apply(src) - dst, axis=1)
-        keep = r <= np.quantile(r, trim_fraction)
-        if np.count_nonzero(prior[keep] > 0) >= 3:
-            T = umeyama(src[keep], dst[keep], prior[keep], with_scale)
+    T = _least_median_start(src, dst, prior, hypotheses, seed, with_scale)
     spread = float(np.sqrt(np.mean(np.sum((dst - dst.mean(0)) ** 2, axis=1)))) or 1.0
     floor = min_sigma * spread
     it = 0
@@ -152,6 +149,26 @@ def robust_sim3(
     rms = float(np.sqrt((wi @ (r * r)) / wi.sum())) if wi.sum() > 0 else float("inf")
     frac = float(wi.sum() / prior.sum()) if prior.sum() > 0 else 0.0
     return AlignmentResult(T, rms, frac, inliers, it)
+
+
+def _least_median_start(src, dst, prior, hypotheses: int, seed: int, with_scale: bool) -> Sim3:
+    best = umeyama(src, dst, prior, with_scale)
+    usable = np.flatnonzero(prior > 0)
+    if len(usable) < 8 or hypotheses <= 0:
+        return best
+    best_score = _weighted_median(np.linalg.norm(best.apply(src) - dst, axis=1), prior)
+    rng = np.random.default_rng(seed)
+    p = prior[usable] / prior[usable].sum()
+    for _ in range(hypotheses):
+        pick = rng.choice(usable, size=4, replace=False, p=p)
+        try:
+            T = umeyama(src[pick], dst[pick], None, with_scale)
+        except ValueError:
+            continue
+        score = _weighted_median(np.linalg.norm(T.apply(src) - dst, axis=1), prior)
+        if score < best_score:
+            best, best_score = T, score
+    return best
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
