@@ -305,7 +305,8 @@ class Mapper:
         while True:
             with self._gate_lock:
                 generation = self._generation
-                due_now = self._due(force=False)
+                # A window that already failed is not retried until a keyframe is added to it.
+                due_now = self._due(force=False) and self._window_ids() != self._last_attempt
                 if due_now or not self._pending:
                     self._stats.pending_keyframes = len(self._pending)
                     break
@@ -317,14 +318,14 @@ class Mapper:
                 if old.camera_to_map is None:
                     self._stats.keyframes_dropped_unmapped += 1
                 self._forget([old.keyframe.id])
-        if not self._due(force):
-            return None
-        # A window that already failed is not retried until a keyframe is added to it.
-        ids = tuple(s.keyframe.id for s in self._window)
-        if ids == self._last_attempt:
+        ids = self._window_ids()
+        if not self._due(force) or ids == self._last_attempt:
             return None
         self._last_attempt = ids
         return generation
+
+    def _window_ids(self) -> tuple[int, ...]:
+        return tuple(s.keyframe.id for s in self._window)
 
     def _run_window(self, generation: int) -> Optional[WindowResult]:
         window = [s.keyframe for s in self._window]
