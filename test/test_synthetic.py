@@ -234,3 +234,16 @@ def test_render_view_rejects_poses_outside_the_room_and_bad_shapes(orbit):
         render_view(np.eye(3), orbit.K, 8, 8)
     with pytest.raises(IndexError):
         orbit.world_points(99)
+
+
+def test_checker_parity_is_stable_on_faces_that_lie_on_a_checker_boundary():
+    """The y = +3 m wall sits exactly on a checker boundary; hit points jitter by float rounding
+    across it, which must not flip the checker colour pixel by pixel (salt-and-pepper)."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    on_wall = np.column_stack([rng.uniform(-3, 3, n), np.full(n, 3.0), rng.uniform(0.1, 2.7, n)])
+    jittered = on_wall.copy()
+    jittered[:, 1] = np.nextafter(3.0, 0.0)  # one ulp inside the room
+    args = dict(surface=np.full(n, 3), normal=np.tile([0.0, -1.0, 0.0], (n, 1)), face_axis=np.full(n, 1),
+                footprint=np.full(n, 1e-3), seed=0)
+    np.testing.assert_allclose(synthetic._shade(on_wall, **args), synthetic._shade(jittered, **args), atol=1e-6)

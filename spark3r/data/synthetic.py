@@ -228,107 +228,108 @@ def frame_stamps_ns(num_frames: int, fps: float) -> np.ndarray:
 # Ray casting
 
 
-def _intersect_room(origins: np.ndarray, dirs: np.ndarray):
-    """Exit distance through the room walls from inside; returns (t, surface id, normal)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bound = np.where(dirs > 0, ROOM_MAX, ROOM_MIN)
-        t_axes = (bound - origins) / dirs
-    t_axes = np.where(dirs == 0, np.inf, t_axes)
+# All rays of a view start at the camera centre ``eye`` [3]; ``inv_dirs`` = 1 / dirs with +-inf for
+# zero components, which makes the slab tests below come out right without special cases
+# (an axis the ray is parallel to gives -inf/+inf bounds inside the slab, a miss outside it).
+
+
+def _intersect_room(eye: np.ndarray, inv_dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exit distance through the room walls from inside, and the axis of the wall hit."""
+    t_axes = np.maximum((ROOM_MIN - eye) * inv_dirs, (ROOM_MAX - eye) * inv_dirs)
     axis = np.argmin(t_axes, axis=-1)
-    t = np.take_along_axis(t_axes, axis[:, None], axis=-1)[:, 0]
-    positive = np.take_along_axis(dirs, axis[:, None], axis=-1)[:, 0] > 0
-    surface = 2 * axis + positive  # 0..5: -x, +x, -y, +y, floor, ceiling
-    normal = np.zeros_like(dirs)
-    normal[np.arange(len(dirs)), axis] = np.where(positive, -1.0, 1.0)  # facing into the room
-    return t, surface, normal
+    return np.take_along_axis(t_axes, axis[:, None], axis=-1)[:, 0], axis
 
 
-def _intersect_box(origins, dirs, lo, hi):
+def _intersect_box(eye: np.ndarray, inv_dirs: np.ndarray, lo, hi) -> tuple[np.ndarray, np.ndarray]:
     """Entry distance into an axis-aligned box from outside (inf when missed) and the hit axis."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t1 = (np.asarray(lo) - origins) / dirs
-        t2 = (np.asarray(hi) - origins) / dirs
+    t1 = (np.asarray(lo) - eye) * inv_dirs
+    t2 = (np.asarray(hi) - eye) * inv_dirs
     t_near_axes = np.minimum(t1, t2)
-    t_far_axes = np.maximum(t1, t2)
-    # A zero direction component: inside the slab -> unconstrained, outside -> miss.
-    inside_slab = (origins >= lo) & (origins <= hi)
-    zero = dirs == 0
-    t_near_axes = np.where(zero, np.where(inside_slab, -np.inf, np.inf), t_near_axes)
-    t_far_axes = np.where(zero, np.where(inside_slab, np.inf, -np.inf), t_far_axes)
     axis = np.argmax(t_near_axes, axis=-1)
     t_near = np.take_along_axis(t_near_axes, axis[:, None], axis=-1)[:, 0]
-    t_far = t_far_axes.min(axis=-1)
+    t_far = np.maximum(t1, t2).min(axis=-1)
     hit = (t_near <= t_far) & (t_near > 1e-6)
     return np.where(hit, t_near, np.inf), axis
 
 
-def _intersect_sphere(origins, dirs, centre, radius):
-    oc = origins - np.asarray(centre)
+def _intersect_sphere(eye: np.ndarray, dirs: np.ndarray, centre, radius: float) -> np.ndarray:
+    oc = eye - np.asarray(centre)
     a = np.einsum("ij,ij->i", dirs, dirs)
-    b = np.einsum("ij,ij->i", oc, dirs)
-    c = np.einsum("ij,ij->i", oc, oc) - radius**2
+    b = dirs @ oc
+    c = oc @ oc - radius**2
     disc = b * b - a * c
-    sqrt_disc = np.sqrt(np.maximum(disc, 0.0))
-    t = (-b - sqrt_disc) / a  # near root; cameras never start inside a sphere
+    t = (-b - np.sqrt(np.maximum(disc, 0.0))) / a  # near root; cameras are never inside a sphere
     return np.where((disc >= 0) & (t > 1e-6), t, np.inf)
 
 
-def _cast(origins: np.ndarray, dirs: np.ndarray):
-    """Nearest hit of every ray: distance t (in units of |dir|), surface id, unit normal."""
-    t, surface, normal = _intersect_room(origins, dirs)
-    for k, (lo, hi) in enumerate(BOXES):
-        t_box, axis = _intersect_box(origins, dirs, lo, hi)
-        closer = t_box < t
-        if np.any(closer):
+def _cast(eye: np.ndarray, dirs: np.ndarray):
+    """Nearest hit of every ray from ``eye``: distance t (in units of |dir|), surface id, unit
+    normal and the normal's axis for planar faces (-1 on spheres)."""
+    with np.errstate(divide="ignore"):
+        inv_dirs = 1.0 / dirs
+    t, axis = _intersect_room(eye, inv_dirs)
+    rows = np.arange(len(dirs))
+    surface = 2 * axis + (dirs[rows, axis] > 0)  # 0..5: -x, +x, -y, +y, floor, ceiling
+    with np.errstate(invalid="ignore"):  # 0 * inf only for a ray parallel to a face it sits on
+        for k, (lo, hi) in enumerate(BOXES):
+            t_box, box_axis = _intersect_box(eye, inv_dirs, lo, hi)
+            closer = t_box < t
             t = np.where(closer, t_box, t)
             surface = np.where(closer, 6 + k, surface)
-            box_normal = np.zeros_like(dirs)
-            rows = np.arange(len(dirs))
-            box_normal[rows, axis] = -np.sign(dirs[rows, axis])  # outward face seen by the ray
-            normal = np.where(closer[:, None], box_normal, normal)
+            axis = np.where(closer, box_axis, axis)
+    # Walls and box faces alike face against the ray along their axis.
+    normal = np.zeros_like(dirs)
+    normal[rows, axis] = -np.sign(dirs[rows, axis])
     for k, (centre, radius) in enumerate(SPHERES):
-        t_sph = _intersect_sphere(origins, dirs, centre, radius)
-        closer = t_sph < t
-        if np.any(closer):
-            t = np.where(closer, t_sph, t)
-            surface = np.where(closer, 6 + len(BOXES) + k, surface)
-            hit = origins + t[:, None] * dirs
-            normal = np.where(closer[:, None], (hit - np.asarray(centre)) / radius, normal)
-    return t, surface, normal
+        t_sph = _intersect_sphere(eye, dirs, centre, radius)
+        closer = np.flatnonzero(t_sph < t)
+        if closer.size:
+            t[closer] = t_sph[closer]
+            surface[closer] = 6 + len(BOXES) + k
+            normal[closer] = (eye + t[closer, None] * dirs[closer] - np.asarray(centre)) / radius
+            axis[closer] = -1
+    return t, surface, normal, axis
 
 
 # ---------------------------------------------------------------------------------------------
 # Texture
 
 
-def _hash_unit(ix: np.ndarray, iy: np.ndarray, iz: np.ndarray, seed: int) -> np.ndarray:
-    """Deterministic pseudo-random value in [0, 1) per integer lattice point (uint32 mixing)."""
-    h = (ix.astype(np.uint32) * np.uint32(0x8DA6B343)) ^ (iy.astype(np.uint32) * np.uint32(0xD8163841))
-    h ^= iz.astype(np.uint32) * np.uint32(0xCB1AB31F)
-    h ^= np.uint32((seed * 0x9E3779B9) & 0xFFFFFFFF)
+_HASH_PRIMES = (np.uint32(0x8DA6B343), np.uint32(0xD8163841), np.uint32(0xCB1AB31F))
+
+
+def _hash_unit(hx: np.ndarray, hy: np.ndarray, hz: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic pseudo-random float32 in [0, 1) per lattice point, from the per-axis
+    products ``coordinate * prime`` (uint32 arithmetic wraps, which is the point)."""
+    h = hx ^ hy ^ hz ^ np.uint32((seed * 0x9E3779B9) & 0xFFFFFFFF)
     h ^= h >> np.uint32(16)
     h *= np.uint32(0x7FEB352D)
     h ^= h >> np.uint32(15)
     h *= np.uint32(0x846CA68B)
     h ^= h >> np.uint32(16)
-    return h.astype(np.float64) / 4294967296.0
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / (1 << 24))
 
 
-def _value_noise(points: np.ndarray, cell: float, seed: int) -> np.ndarray:
-    """Smooth 3D value noise in [0, 1] with lattice spacing ``cell`` metres."""
+def _value_noise(points: np.ndarray, cell: float, seeds: tuple[int, ...]) -> np.ndarray:
+    """Smooth 3D value noise in [0, 1] with lattice spacing ``cell`` metres: float32 [N, len(seeds)],
+    one independent noise per seed sharing the lattice arithmetic."""
     p = points / cell
     base = np.floor(p)
-    frac = p - base
-    w = frac * frac * (3.0 - 2.0 * frac)  # smoothstep: C1 across cells
-    ix, iy, iz = (base[:, k].astype(np.int64) for k in range(3))
-    out = np.zeros(len(points))
-    for dx in (0, 1):
-        wx = w[:, 0] if dx else 1.0 - w[:, 0]
-        for dy in (0, 1):
-            wy = w[:, 1] if dy else 1.0 - w[:, 1]
-            for dz in (0, 1):
-                wz = w[:, 2] if dz else 1.0 - w[:, 2]
-                out += wx * wy * wz * _hash_unit(ix + dx, iy + dy, iz + dz, seed)
+    frac = (p - base).astype(np.float32)
+    w = frac * frac * (np.float32(3.0) - np.float32(2.0) * frac)  # smoothstep: C1 across cells
+    lattice = base.astype(np.int64).astype(np.uint32)  # wraps negatives, consistently
+    # products[axis][d] = (coordinate + d) * prime, for the two lattice planes around each point
+    products = [(lattice[:, k] * _HASH_PRIMES[k], (lattice[:, k] + np.uint32(1)) * _HASH_PRIMES[k]) for k in range(3)]
+    wx, wy, wz = w[:, 0], w[:, 1], w[:, 2]
+    out = np.empty((len(points), len(seeds)), dtype=np.float32)
+    for j, seed in enumerate(seeds):
+        corner = {(dx, dy, dz): _hash_unit(products[0][dx], products[1][dy], products[2][dz], seed)
+                  for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)}
+        # Trilinear blend as nested lerps: along x, then y, then z.
+        along_x = {(dy, dz): corner[0, dy, dz] + wx * (corner[1, dy, dz] - corner[0, dy, dz])
+                   for dy in (0, 1) for dz in (0, 1)}
+        along_y = [along_x[0, dz] + wy * (along_x[1, dz] - along_x[0, dz]) for dz in (0, 1)]
+        out[:, j] = along_y[0] + wz * (along_y[1] - along_y[0])
     return out
 
 
@@ -348,11 +349,15 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return v[:, None] - v[:, None] * s[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def _shade(points, surface, normal, footprint, seed: int) -> np.ndarray:
+def _shade(points, surface, normal, face_axis, footprint, seed: int) -> np.ndarray:
     """Linear RGB in [0, 1] of every hit point (view independent)."""
     first, second = _surface_palette(seed)
-    # Offsetting by half a cell keeps checker edges off the room's and boxes' own edges.
-    checker_idx = np.floor(points / _CHECKER_CELL + 0.5).astype(np.int64).sum(axis=-1) & 1
+    cells = np.floor(points / _CHECKER_CELL + 0.5)
+    # A planar face can lie exactly on a checker boundary along its normal, where rounding noise
+    # in the hit point would flip the parity pixel by pixel; only in-plane axes may count there.
+    planar = face_axis >= 0
+    cells[np.flatnonzero(planar), face_axis[planar]] = 0.0
+    checker_idx = cells.astype(np.int64).sum(axis=-1) & 1
     # Fade the checker edge into a ramp once a checker cell spans only a few pixels.
     checker_weight = np.clip(_CHECKER_CELL / (2.0 * footprint) - 1.0, 0.0, 1.0)
     mix = 0.5 + (checker_idx - 0.5) * checker_weight
@@ -360,12 +365,14 @@ def _shade(points, surface, normal, footprint, seed: int) -> np.ndarray:
 
     detail = np.zeros(len(points))
     for octave, (cell, amplitude) in enumerate(_NOISE_OCTAVES):
-        # Octaves finer than ~2 pixels would alias: fade them out instead of sampling them.
+        # Octaves finer than ~2 pixels would alias: fade them out instead of sampling them, and
+        # evaluate them only where they contribute.
         weight = np.clip(cell / (2.0 * footprint) - 1.0, 0.0, 1.0)
-        if not np.any(weight > 0):
-            continue
-        detail += weight * amplitude * (_value_noise(points, cell, seed * 31 + octave) - 0.5)
-    tint = np.stack([_value_noise(points + 17.3 * c, 0.5, seed * 31 + 100 + c) for c in range(3)], axis=-1)
+        active = np.flatnonzero(weight > 0)
+        if active.size:
+            noise = _value_noise(points[active], cell, (seed * 31 + octave,))[:, 0]
+            detail[active] += weight[active] * amplitude * (noise - 0.5)
+    tint = _value_noise(points, 0.5, (seed * 31 + 100, seed * 31 + 101, seed * 31 + 102))
     colour = colour * (1.0 + 2.5 * detail)[:, None] * (0.7 + 0.6 * tint)
 
     lambert = np.clip(normal @ _LIGHT_DIR, 0.0, 1.0)
@@ -387,14 +394,13 @@ def render_view(c2w: np.ndarray, K: np.ndarray, height: int, width: int, seed: i
         raise ValueError(f"camera centre {eye} is inside an object of the scene")
     rays_cam = pixel_rays(K, height, width).reshape(-1, 3)  # z = 1, so t below is z-depth
     dirs = rays_cam @ c2w[:3, :3].T
-    origins = np.broadcast_to(eye, dirs.shape)
-    t, surface, normal = _cast(origins, dirs)
-    points = origins + t[:, None] * dirs
+    t, surface, normal, face_axis = _cast(eye, dirs)
+    points = eye + t[:, None] * dirs
     # Metres covered by one pixel on the surface: range / focal, stretched at grazing angles.
     ray_len = np.linalg.norm(dirs, axis=-1)
     cos_incidence = np.abs(np.einsum("ij,ij->i", normal, dirs)) / ray_len
     footprint = t * ray_len / K[0, 0] / np.maximum(cos_incidence, 0.2)
-    linear = _shade(points, surface, normal, footprint, seed)
+    linear = _shade(points, surface, normal, face_axis, footprint, seed)
     srgb = np.power(linear, 1.0 / 2.2)  # display gamma: keeps dark texture visible
     rgb = np.round(srgb * 255.0).astype(np.uint8).reshape(height, width, 3)
     return rgb, t.astype(np.float32).reshape(height, width)
