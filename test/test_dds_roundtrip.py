@@ -51,8 +51,9 @@ def received(ros_context):
             drain_until = time.monotonic() + 0.5
             spin_until(node, lambda: len(images) >= FRAMES or time.monotonic() > drain_until, timeout=2.0)
             log = proc.log_text()
+        # Leaving the block sent SIGINT; the publisher must shut down cleanly on it (exit 0).
         yield {"images": images, "clouds": clouds, "done": done, "tf_cache": tf_cache,
-               "finished": finished, "log": log}
+               "finished": finished, "log": log, "returncode": proc.popen.returncode}
     finally:
         node.destroy_node()
 
@@ -60,6 +61,7 @@ def received(ros_context):
 def test_publisher_finished(received):
     assert received["finished"], f"publisher did not finish in time; its output:\n{received['log']}"
     assert received["done"][0].data == FRAMES
+    assert received["returncode"] == 0, f"publisher did not stop cleanly on SIGINT:\n{received['log']}"
 
 
 def test_image_stream_at_30hz_reaches_sensor_data_subscriber(received):
