@@ -15,7 +15,12 @@ from spark3r.data.bag_io import (
     read_bag_tf_static,
     write_sequence_bag,
 )
-from spark3r.data.image_codec import compressed_to_rgb, raw_to_rgb, rgb_to_compressed, rgb_to_raw
+from spark3r.data.image_codec import (
+    decode_compressed_image,
+    decode_raw_image,
+    encode_compressed_image,
+    encode_raw_image,
+)
 from spark3r.data.synthetic import render_sequence
 from spark3r.geometry import quat_xyzw_to_matrix
 
@@ -184,7 +189,7 @@ def _write_raw_bag(path, topics: dict[str, str]) -> None:
             header=header, height=1, width=2, encoding="mono8", is_bigendian=0, step=2,
             data=np.array([10, 20], np.uint8)),
         "sensor_msgs/msg/CompressedImage": t["sensor_msgs/msg/CompressedImage"](
-            header=header, format="png", data=np.frombuffer(rgb_to_compressed(np.zeros((1, 2, 3), np.uint8), "png")[0], np.uint8)),
+            header=header, format="png", data=np.frombuffer(encode_compressed_image(np.zeros((1, 2, 3), np.uint8), "png")[0], np.uint8)),
         "std_msgs/msg/String": t["std_msgs/msg/String"](data="hi"),
     }
     writer = Writer(path, version=9)
@@ -234,29 +239,48 @@ def test_reader_errors(tmp_path, seq):
 # ---------------------------------------------------------------------------------------------- codec
 
 
-def test_raw_decoding_handles_padding_alpha_16bit_and_yuv():
+def test_raw_decoding_handles_padding_alpha_and_yuv():
     rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 7
     bgra = np.concatenate([rgb[..., ::-1], np.full((2, 3, 1), 255, np.uint8)], axis=2)
     padded = np.zeros((2, 16), np.uint8)
     padded[:, :12] = bgra.reshape(2, 12)
-    assert np.array_equal(raw_to_rgb(padded.reshape(-1).tobytes(), 2, 3, "bgra8", step=16), rgb)
-    mono16 = np.array([[0x1234, 0xFF00]], dtype=">u2")
-    out = raw_to_rgb(mono16.tobytes(), 1, 2, "mono16", is_bigendian=True)
-    assert out[..., 0].tolist() == [[0x12, 0xFF]]
+    assert np.array_equal(decode_raw_image(padded.reshape(-1).tobytes(), 2, 3, "bgra8", step=16), rgb)
     yuyv = np.array([[128, 128, 128, 128]], np.uint8)  # two grey pixels: Y=128, U=V=128
-    assert np.abs(raw_to_rgb(yuyv.tobytes(), 1, 2, "yuyv").astype(int) - 128).max() <= 2
-    payload, step = rgb_to_raw(rgb, "bgr8")
-    assert step == 9 and np.array_equal(raw_to_rgb(payload, 2, 3, "bgr8", step), rgb)
+    assert np.abs(decode_raw_image(yuyv.tobytes(), 1, 2, "yuyv").astype(int) - 128).max() <= 2
+    for encoding in ("rgb8", "bgr8"):
+        payload, step = encode_raw_image(rgb, encoding)
+        assert step == 9 and np.array_equal(decode_raw_image(payload, 2, 3, encoding, step), rgb)
+    payload, step = encode_raw_image(rgb, "mono8")
+    grey = decode_raw_image(payload, 2, 3, "mono8", step)
+    assert step == 3 and np.array_equal(grey[..., 0], grey[..., 1])
+
+
+def test_compressed_png_is_lossless_and_jpeg_close():
+    rgb = render_sequence(num_frames=1, height=20, width=24, seed=1).images[0]
+    data, fmt = encode_compressed_image(rgb, "png")
+    assert fmt == "rgb8; png compressed bgr8" and np.array_equal(decode_compressed_image(data, fmt), rgb)
+    data, fmt = encode_compressed_image(rgb, "jpeg", jpeg_quality=90)
+    assert np.abs(decode_compressed_image(data, fmt).astype(int) - rgb).mean() < 8
 
 
 def test_codec_errors():
-    with pytest.raises(ValueError, match="unsupported image encoding '32FC1'"):
-        raw_to_rgb(b"\0" * 16, 2, 2, "32FC1")
-    with pytest.raises(ValueError, match="expected 12 for 2 rows"):
-        raw_to_rgb(b"\0" * 10, 2, 2, "rgb8")
+    with pytest.raises(ValueError, match="32FC1 is not an 8-bit colour image"):
+        decode_raw_image(b"\0" * 16, 2, 2, "32FC1")
+    with pytest.raises(ValueError, match="mono16 is not an 8-bit colour image"):
+        decode_raw_image(b"\0" * 8, 2, 2, "mono16")
+    with pytest.raises(ValueError, match="unsupported image encoding 'bayer_rggb8'"):
+        decode_raw_image(b"\0" * 4, 2, 2, "bayer_rggb8")
+    with pytest.raises(ValueError, match="expected step\\*height = 6\\*2 = 12"):
+        decode_raw_image(b"\0" * 10, 2, 2, "rgb8")
     with pytest.raises(ValueError, match="step 5 is smaller"):
-        raw_to_rgb(b"\0" * 12, 2, 2, "rgb8", step=5)
+        decode_raw_image(b"\0" * 12, 2, 2, "rgb8", step=5)
     with pytest.raises(ValueError, match="could not decode"):
-        compressed_to_rgb(b"garbage", "jpeg")
+        decode_compressed_image(b"garbage", "jpeg")
+    with pytest.raises(ValueError, match="compressedDepth"):
+        decode_compressed_image(b"garbage", "16UC1; compressedDepth png")
     with pytest.raises(ValueError, match="uint8 RGB"):
-        rgb_to_raw(np.zeros((2, 2, 3), np.float32))
+        encode_raw_image(np.zeros((2, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="cannot encode RGB as 'rgba8'"):
+        encode_raw_image(np.zeros((2, 2, 3), np.uint8), "rgba8")
+    with pytest.raises(ValueError, match="unsupported compressed format"):
+        encode_compressed_image(np.zeros((2, 2, 3), np.uint8), "webp")

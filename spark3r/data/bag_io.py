@@ -20,10 +20,10 @@ import numpy as np
 from spark3r.data.image_codec import (
     COMPRESSED_FORMATS,
     WRITABLE_ENCODINGS,
-    compressed_to_rgb,
-    raw_to_rgb,
-    rgb_to_compressed,
-    rgb_to_raw,
+    decode_compressed_image,
+    decode_raw_image,
+    encode_compressed_image,
+    encode_raw_image,
 )
 from spark3r.data.io import atomic_directory
 from spark3r.geometry import RIGID_TOLERANCE, matrix_to_quat_xyzw, quat_xyzw_to_matrix, rigid_error
@@ -175,10 +175,10 @@ def write_sequence_bag(seq, path, storage: str = "mcap", image_topic: str = "/ca
                 stamp = int(stamp)
                 header = _header(ts, stamp, camera_frame)
                 if compressed:
-                    data, fmt = rgb_to_compressed(rgb, compressed_format)
+                    data, fmt = encode_compressed_image(rgb, compressed_format)
                     msg = ts.types[COMPRESSED_TYPE](header=header, format=fmt, data=np.frombuffer(data, np.uint8))
                 else:
-                    data, step = rgb_to_raw(rgb, encoding)
+                    data, step = encode_raw_image(rgb, encoding)
                     msg = ts.types[IMAGE_TYPE](header=header, height=height, width=width, encoding=encoding,
                                                is_bigendian=0, step=step, data=data)
                 writer.write(image_conn, stamp, ts.serialize_cdr(msg, image_type))
@@ -275,9 +275,9 @@ def _decode_images(path, topic: str) -> Iterator[tuple[int, np.ndarray, str]]:
         for conn, _, raw in reader.messages(connections=connections):
             msg = ts.deserialize_cdr(raw, conn.msgtype)
             if conn.msgtype == IMAGE_TYPE:
-                rgb = raw_to_rgb(msg.data, msg.height, msg.width, msg.encoding, msg.step, bool(msg.is_bigendian))
+                rgb = decode_raw_image(msg.data, msg.height, msg.width, msg.encoding, msg.step)
             else:
-                rgb = compressed_to_rgb(msg.data, msg.format)
+                rgb = decode_compressed_image(msg.data, msg.format)
             yield _stamp_ns(msg.header), rgb, msg.header.frame_id
     finally:
         reader.close()

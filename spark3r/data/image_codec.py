@@ -1,19 +1,18 @@
 """sensor_msgs Image / CompressedImage payloads <-> RGB numpy arrays, without ROS.
 
-The functions take the message fields, not message objects, so the same code serves rosbags
+The functions take the message fields, not message objects, so the same code can serve rosbags
 messages (bags) and rclpy messages (the live node). Output images are always uint8 [H,W,3] RGB.
+The policy matches ``spark3r_ros.conversions.image_to_rgb``: colour and mono8 images are
+accepted, 16-bit and float (depth-like) encodings are refused rather than scaled to 8 bits.
 """
 from __future__ import annotations
 
 import numpy as np
 
-# encoding -> (channels, bytes per channel); only colour or grey camera encodings: depth images
-# (16UC1, 32FC1) are not pictures and are rejected rather than turned into grey noise.
-_RAW_LAYOUTS = {
-    "rgb8": (3, 1), "bgr8": (3, 1), "rgba8": (4, 1), "bgra8": (4, 1), "mono8": (1, 1),
-    "8UC3": (3, 1), "8UC1": (1, 1), "mono16": (1, 2), "rgb16": (3, 2), "bgr16": (3, 2),
-    "yuv422": (2, 1), "uyvy": (2, 1), "yuv422_yuy2": (2, 1), "yuyv": (2, 1),
-}
+# encoding -> channels in the packed payload (all 8-bit); YUV 4:2:2 packs 2 bytes per pixel.
+_RAW_CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC3": 3, "8UC1": 1,
+                 "yuv422": 2, "uyvy": 2, "yuv422_yuy2": 2, "yuyv": 2}
+_NOT_PICTURES = ("mono16", "16UC1", "32FC1", "rgb16", "bgr16", "rgba16", "bgra16")
 WRITABLE_ENCODINGS = ("rgb8", "bgr8", "mono8")
 COMPRESSED_FORMATS = ("jpeg", "png")
 
@@ -27,62 +26,57 @@ def _payload_bytes(data) -> np.ndarray:
     return np.frombuffer(bytes(data), dtype=np.uint8)
 
 
-def raw_to_rgb(data, height: int, width: int, encoding: str, step: int = 0, is_bigendian: bool = False) -> np.ndarray:
+def decode_raw_image(data, height: int, width: int, encoding: str, step: int = 0) -> np.ndarray:
     """Decode a sensor_msgs/Image payload into uint8 RGB [H,W,3].
 
-    Handles row padding (``step`` larger than a packed row), 16-bit data in either byte order
-    (scaled to 8 bits) and the packed YUV 4:2:2 camera formats.
+    Handles row padding (``step`` larger than a packed row; 0 means packed) and the packed
+    YUV 4:2:2 camera formats. ``data`` must hold exactly ``step * height`` bytes.
     """
-    if encoding not in _RAW_LAYOUTS:
-        raise ValueError(f"unsupported image encoding {encoding!r}; expected one of {sorted(_RAW_LAYOUTS)}")
+    if encoding in _NOT_PICTURES:
+        raise ValueError(f"encoding {encoding} is not an 8-bit colour image; expected one of "
+                         f"{sorted(_RAW_CHANNELS)} (depth and 16-bit images need an explicit conversion)")
+    if encoding not in _RAW_CHANNELS:
+        raise ValueError(f"unsupported image encoding {encoding!r}; expected one of {sorted(_RAW_CHANNELS)}")
     if height < 1 or width < 1:
         raise ValueError(f"image has no pixels ({height}x{width})")
-    channels, depth_bytes = _RAW_LAYOUTS[encoding]
-    row_bytes = width * channels * depth_bytes
+    channels = _RAW_CHANNELS[encoding]
+    row_bytes = width * channels
     step = int(step) or row_bytes
     if step < row_bytes:
         raise ValueError(f"image step {step} is smaller than a {encoding} row of {width} pixels ({row_bytes} bytes)")
     buf = _payload_bytes(data)
-    if buf.size < step * (height - 1) + row_bytes:
-        raise ValueError(f"image data has {buf.size} bytes, expected {step * height} for {height} rows of step {step}")
-    rows = np.lib.stride_tricks.as_strided(buf, shape=(height, row_bytes), strides=(step, 1))
-    if depth_bytes == 2:
-        pixels = rows.copy().view(">u2" if is_bigendian else "<u2")
-        pixels = (pixels >> 8).astype(np.uint8)  # keep the most significant byte
-    else:
-        pixels = rows
+    if buf.size != step * height:
+        raise ValueError(f"image data has {buf.size} bytes, expected step*height = {step}*{height} = {step * height} "
+                         f"({encoding} {width}x{height})")
+    pixels = buf.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
     import cv2
 
     if encoding in ("yuv422", "uyvy"):
-        return cv2.cvtColor(np.ascontiguousarray(pixels).reshape(height, width, 2), cv2.COLOR_YUV2RGB_UYVY)
+        return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_YUV2RGB_UYVY)
     if encoding in ("yuv422_yuy2", "yuyv"):
-        return cv2.cvtColor(np.ascontiguousarray(pixels).reshape(height, width, 2), cv2.COLOR_YUV2RGB_YUY2)
-    img = pixels.reshape(height, width, channels)
+        return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_YUV2RGB_YUY2)
     if channels == 1:
-        return np.repeat(img, 3, axis=2)
+        return np.repeat(pixels, 3, axis=2)
     if encoding.startswith("bgr"):
-        img = img[..., 2::-1]
-    return np.ascontiguousarray(img[..., :3])
+        pixels = pixels[..., 2::-1]
+    return np.ascontiguousarray(pixels[..., :3])
 
 
-def compressed_to_rgb(data, fmt: str = "") -> np.ndarray:
-    """Decode a sensor_msgs/CompressedImage payload (JPEG/PNG/...) into uint8 RGB [H,W,3].
+def decode_compressed_image(data, fmt: str = "") -> np.ndarray:
+    """Decode a sensor_msgs/CompressedImage payload (JPEG or PNG) into uint8 RGB [H,W,3].
 
-    The codec is recognised from the bytes, so the free-form ``format`` field ("jpeg",
-    "rgb8; jpeg compressed bgr8", ...) is only used in error messages.
+    The codec is recognised from the bytes; the free-form ``format`` field ("jpeg",
+    "rgb8; jpeg compressed bgr8", ...) only serves to refuse compressedDepth streams.
     """
     import cv2
 
+    if "compresseddepth" in fmt.lower():
+        raise ValueError(f"compressedDepth images ({fmt!r}) are depth, not colour; expected a jpeg or png colour image")
     buf = _payload_bytes(data)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
         raise ValueError(f"could not decode compressed image ({buf.size} bytes, format {fmt!r})")
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    if img.ndim == 2:
-        return np.repeat(img[..., None], 3, axis=2)
-    code = cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB
-    return cv2.cvtColor(img, code)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def _check_rgb(rgb) -> np.ndarray:
@@ -92,7 +86,7 @@ def _check_rgb(rgb) -> np.ndarray:
     return rgb
 
 
-def rgb_to_raw(rgb, encoding: str = "rgb8") -> tuple[np.ndarray, int]:
+def encode_raw_image(rgb, encoding: str = "rgb8") -> tuple[np.ndarray, int]:
     """uint8 RGB [H,W,3] -> (packed payload as a flat uint8 array, row step in bytes)."""
     rgb = _check_rgb(rgb)
     if encoding == "rgb8":
@@ -109,7 +103,7 @@ def rgb_to_raw(rgb, encoding: str = "rgb8") -> tuple[np.ndarray, int]:
     return out.reshape(-1), out.shape[1] * (out.shape[2] if out.ndim == 3 else 1)
 
 
-def rgb_to_compressed(rgb, fmt: str = "jpeg", jpeg_quality: int = 95) -> tuple[bytes, str]:
+def encode_compressed_image(rgb, fmt: str = "jpeg", jpeg_quality: int = 95) -> tuple[bytes, str]:
     """uint8 RGB -> (encoded bytes, CompressedImage.format) as compressed_image_transport writes it."""
     import cv2
 
