@@ -326,7 +326,7 @@ def msg_to_cloud(msg: PointCloud2) -> tuple[np.ndarray, Optional[np.ndarray]]:
     for name in "xyz":
         if fields[name].datatype not in (PointField.FLOAT32, PointField.FLOAT64):
             raise ValueError(f"field {name!r} must be FLOAT32 or FLOAT64, got PointField datatype {fields[name].datatype}")
-    color = fields.get("rgb") or fields.get("rgba")
+    color = fields["rgb"] if "rgb" in fields else fields.get("rgba")
     if color is not None and color.datatype not in (PointField.FLOAT32, PointField.UINT32, PointField.INT32):
         raise ValueError(f"colour field {color.name!r} must be a 4-byte FLOAT32/UINT32/INT32, got datatype {color.datatype}")
 

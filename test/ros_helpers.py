@@ -89,7 +89,7 @@ def stop_process(popen: subprocess.Popen, grace_s: float = 5.0) -> Optional[int]
         for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(popen.pid, sig)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 break
             try:
                 popen.wait(timeout=wait_s)
