@@ -1,0 +1,179 @@
+"""Layer-adaptive key/value budgets for Spark3R: the schedule format, per-backbone defaults and
+JSON load/save.
+
+A schedule says, for every global-attention layer, what fraction of each non-reference frame's
+patch tokens stays as keys/values (``kv_keep``). The budget shrinks when a window has more frames
+than ``reference_frames`` — more views of one scene are more redundant, so the *total* K/V pool
+grows only like ``frames ** (1 - decay)``, never below ``min_per_frame`` keys per view:
+
+    budget(layer, S) = clamp(round(P * kv_keep[layer] * min(1, (reference_frames / S) ** decay)),
+                             min_per_frame, P)                       (P = patch tokens per frame)
+
+``kv_keep[layer] >= 1`` means the layer's keys/values are not pruned at all (no decay applies).
+Special tokens of every frame and all tokens of the reference frame are always kept on top of
+the budget; each pruned frame also gets one compensation token (see ``spark3r.py``).
+
+File format (JSON, ``"format": "spark3r-schedule/1"``): the fields of :class:`KVSchedule`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+FORMAT = "spark3r-schedule/1"
+
+
+@dataclass(frozen=True)
+class KVSchedule:
+    kv_keep: tuple[float, ...]
+    reference_frames: int = 16
+    decay: float = 0.5
+    min_per_frame: int = 8
+    backbone: Optional[str] = None
+    note: str = ""
+    # Free-form provenance (e.g. what `spark3r calibrate` measured); round-trips unchanged.
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        keep = tuple(float(x) for x in self.kv_keep)
+        object.__setattr__(self, "kv_keep", keep)
+        if not keep:
+            raise ValueError("kv_keep must list one keep fraction per global-attention layer, got an empty list")
+        bad = [x for x in keep if not (math.isfinite(x) and 0.0 < x)]
+        if bad:
+            raise ValueError(f"kv_keep entries must be finite fractions > 0 (>= 1 = no pruning), got {bad}")
+        if int(self.reference_frames) < 1:
+            raise ValueError(f"reference_frames must be >= 1, got {self.reference_frames}")
+        if not (0.0 <= float(self.decay) <= 1.0):
+            raise ValueError(f"decay must be in [0, 1] (0 = per-frame budget independent of the frame count, "
+                             f"1 = constant total budget), got {self.decay}")
+        if int(self.min_per_frame) < 1:
+            raise ValueError(f"min_per_frame must be >= 1 so every view keeps some keys, got {self.min_per_frame}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv_keep)
+
+    def prunes(self, layer: int) -> bool:
+        """Whether the layer's keys/values are pruned at all."""
+        return self._keep(layer) < 1.0
+
+    def kv_budget(self, layer: int, frames: int, patches_per_frame: int) -> int:
+        """Patch tokens kept as keys/values per non-reference frame at this layer."""
+        keep = self._keep(layer)
+        if keep >= 1.0:
+            return patches_per_frame
+        shrink = min(1.0, (self.reference_frames / frames) ** self.decay) if frames > 0 else 1.0
+        budget = round(patches_per_frame * keep * shrink)
+        return int(min(patches_per_frame, max(self.min_per_frame, budget)))
+
+    def _keep(self, layer: int) -> float:
+        if not 0 <= layer < len(self.kv_keep):
+            raise ValueError(f"the schedule has {len(self.kv_keep)} layers; layer {layer} is outside it "
+                             f"(does the schedule belong to this backbone?)")
+        return self.kv_keep[layer]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kv_keep"] = list(self.kv_keep)
+        return {"format": FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVSchedule":
+        if not isinstance(d, dict):
+            raise TypeError(f"a schedule must be a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"unknown schedule format {d.get('format')!r}; expected {FORMAT!r}")
+        fields = {k: v for k, v in d.items() if k != "format"}
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown schedule fields {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        if "kv_keep" not in fields:
+            raise ValueError("schedule has no 'kv_keep' list")
+        fields["kv_keep"] = tuple(fields["kv_keep"])
+        return cls(**fields)
+
+
+def save_schedule(schedule: KVSchedule, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(schedule.to_dict(), indent=1) + "\n")
+    return path
+
+
+def load_schedule(path: Union[str, Path]) -> KVSchedule:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"schedule file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"schedule file {path} is not valid JSON: {e}") from e
+    return KVSchedule.from_dict(data)
+
+
+# Default per-layer keep fractions, as a profile over the relative depth t = layer / (L - 1).
+# Rationale (AVGGT, RegimeVGGT analyses of VGGT/pi3; our calibrate command measures it per model):
+#  * early global layers mostly attend within their own view and to coarse scene context, so a
+#    small K/V set suffices;
+#  * the middle layers establish cross-view correspondence — they get the largest budget;
+#  * the last layers refine locally and again tolerate pruning, a little less than the first ones
+#    because their errors reach the heads directly.
+_PROFILE = ((0.0, 0.06), (0.2, 0.10), (0.35, 0.22), (0.6, 0.22), (0.75, 0.12), (1.0, 0.10))
+
+
+def profile_keep(num_layers: int, profile: Sequence[tuple[float, float]] = _PROFILE) -> tuple[float, ...]:
+    """Piecewise-linear keep fractions over relative layer depth."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    out = []
+    for i in range(num_layers):
+        t = i / (num_layers - 1) if num_layers > 1 else 0.5
+        for (t0, k0), (t1, k1) in zip(profile, profile[1:]):
+            if t0 <= t <= t1:
+                out.append(round(k0 + (k1 - k0) * (t - t0) / (t1 - t0), 4))
+                break
+    return tuple(out)
+
+
+# Per backbone: (global layers, reference frame count). The reference count is the window size the
+# keep fractions are meant for; beyond it budgets shrink with `decay`.
+_BACKBONES = {
+    "vggt-1b": 24,
+    "vggt-tiny": 4,
+}
+
+
+def default_schedule(backbone: Optional[str] = None, num_layers: Optional[int] = None) -> KVSchedule:
+    """The shipped default for a backbone preset (or any layer count, from the same profile)."""
+    if num_layers is None:
+        if backbone not in _BACKBONES:
+            raise ValueError(f"no default schedule for backbone {backbone!r}; known: {sorted(_BACKBONES)} "
+                             f"(or pass num_layers)")
+        num_layers = _BACKBONES[backbone]
+    return KVSchedule(
+        kv_keep=profile_keep(num_layers), reference_frames=16, decay=0.5, min_per_frame=8, backbone=backbone,
+        note="default profile: small early budget, largest in the middle (cross-view alignment), moderate at the end",
+    )
+
+
+def resolve_schedule(schedule, backbone: Optional[str], num_layers: int) -> KVSchedule:
+    """A KVSchedule from None (default for the backbone), a path, a dict or a KVSchedule; checks
+    that it covers ``num_layers`` global layers."""
+    if schedule is None or schedule == "" or schedule == "default":
+        sched = default_schedule(backbone if backbone in _BACKBONES else None,
+                                 None if backbone in _BACKBONES else num_layers)
+    elif isinstance(schedule, KVSchedule):
+        sched = schedule
+    elif isinstance(schedule, dict):
+        sched = KVSchedule.from_dict(schedule)
+    elif isinstance(schedule, (str, Path)):
+        sched = load_schedule(schedule)
+    else:
+        raise TypeError(f"schedule must be None, a path, a dict or a KVSchedule, got {type(schedule).__name__}")
+    if sched.num_layers != num_layers:
+        raise ValueError(f"schedule has {sched.num_layers} layers but the model has {num_layers} global-attention layers")
+    return sched
