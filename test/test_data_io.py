@@ -265,3 +265,38 @@ def test_tum_rgbd_folder_rejects_bad_sequences(tmp_path, small_seq):
     with pytest.raises(ValueError, match="duplicate"):
         write_tum_rgbd_folder(Broken(), tmp_path / "x")
     assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
+
+
+def test_tum_rgbd_folder_reads_back(tmp_path, small_seq):
+    write_tum_rgbd_folder(small_seq, tmp_path / "scene")
+    frames = list(io.iter_tum_rgbd_folder(tmp_path / "scene"))
+    assert [f.stamp_ns for f in frames] == list(small_seq.stamps_ns)
+    for frame, rgb, depth in zip(frames, small_seq.images, small_seq.depth):
+        assert np.array_equal(frame.rgb, rgb)
+        assert frame.depth.dtype == np.float32
+        np.testing.assert_allclose(frame.depth, depth, atol=1e-4)
+    K, width, height = io.read_tum_intrinsics(tmp_path / "scene")
+    assert np.array_equal(K, small_seq.K) and (width, height) == (33, 25)
+    assert all(f.depth is None for f in io.iter_tum_rgbd_folder(tmp_path / "scene", with_depth=False))
+
+
+def test_tum_rgbd_depth_association_by_nearest_stamp(tmp_path):
+    root = tmp_path / "tum"
+    (root / "rgb").mkdir(parents=True)
+    (root / "depth").mkdir()
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    for name in ("1.000000", "2.000000"):
+        cv2.imwrite(str(root / "rgb" / f"{name}.png"), rgb)
+    cv2.imwrite(str(root / "depth" / "1.010.png"), np.full((4, 5), 5000, np.uint16))
+    cv2.imwrite(str(root / "depth" / "2.050.png"), np.full((4, 5), 10000, np.uint16))
+    (root / "rgb.txt").write_text("# rgb\n1.000000 rgb/1.000000.png\n2.000000 rgb/2.000000.png\n")
+    (root / "depth.txt").write_text("1.010 depth/1.010.png\n2.050 depth/2.050.png\n")
+    first, second = io.iter_tum_rgbd_folder(root)
+    assert first.stamp_ns == 1_000_000_000 and np.all(first.depth == 1.0)
+    assert second.depth is None  # 50 ms away: not the same moment
+    assert io.read_tum_intrinsics(root) is None
+    (root / "rgb.txt").write_text("1.0 rgb/1.png extra\n")
+    with pytest.raises(ValueError, match=r"rgb.txt:1: expected 'timestamp filename'"):
+        io.iter_tum_rgbd_folder(root)
+    with pytest.raises(FileNotFoundError, match="not a TUM RGB-D folder"):
+        io.iter_tum_rgbd_folder(tmp_path / "nothing")

@@ -410,3 +410,73 @@ def write_tum_rgbd_folder(seq, path, overwrite: bool = False) -> Path:
         (tmp / "intrinsics.txt").write_text(
             f"# fx fy cx cy width height\n{focal_centre} {w} {h}\n", encoding="utf-8")
     return Path(path)
+
+
+class TumRgbdFrame(NamedTuple):
+    stamp_ns: int  # stamp of the colour image
+    rgb: np.ndarray  # uint8 [H,W,3]
+    depth: np.ndarray | None  # float32 [H,W] metres (0 = no depth), None without a close depth image
+
+
+def _read_file_list(path: Path) -> list[tuple[int, str]]:
+    """``timestamp filename`` lines of rgb.txt / depth.txt ('#' comments allowed)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (not a TUM RGB-D folder?)")
+    entries = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) != 2:
+            raise ValueError(f"{path}:{lineno}: expected 'timestamp filename', got {line!r}")
+        try:
+            entries.append((parse_stamp_s(words[0]), words[1]))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from None
+    return entries
+
+
+def read_tum_intrinsics(path) -> tuple[np.ndarray, int, int] | None:
+    """(K [3,3], width, height) from a folder's ``intrinsics.txt``, or None if it has none
+    (real TUM sequences document their calibration elsewhere)."""
+    file = Path(path) / "intrinsics.txt"
+    if not file.is_file():
+        return None
+    rows = [l.split() for l in file.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#")]
+    if len(rows) != 1 or len(rows[0]) != 6:
+        raise ValueError(f"{file}: expected one line 'fx fy cx cy width height'")
+    fx, fy, cx, cy = (float(v) for v in rows[0][:4])
+    return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]), int(rows[0][4]), int(rows[0][5])
+
+
+def iter_tum_rgbd_folder(path, with_depth: bool = True, max_depth_offset_ns: int = 20_000_000) -> Iterator[TumRgbdFrame]:
+    """Frames of a TUM RGB-D folder in rgb.txt order. Each colour image gets the depth image
+    with the nearest stamp if it is within ``max_depth_offset_ns`` (TUM's associate.py uses
+    20 ms), else ``depth=None``. The file lists are checked on the call, images are read lazily."""
+    import cv2
+
+    root = Path(path)
+    rgb_list = _read_file_list(root / "rgb.txt")
+    depth_list = _read_file_list(root / "depth.txt") if with_depth else []
+    depth_stamps = np.array([s for s, _ in depth_list], dtype=np.int64)
+
+    def read(name: str, flags: int) -> np.ndarray:
+        image = cv2.imread(str(root / name), flags)
+        if image is None:
+            raise ValueError(f"cannot read image {root / name}")
+        return image
+
+    def frames() -> Iterator[TumRgbdFrame]:
+        for stamp, name in rgb_list:
+            bgr = read(name, cv2.IMREAD_COLOR)
+            depth = None
+            if depth_stamps.size:
+                k = int(np.argmin(np.abs(depth_stamps - stamp)))
+                if abs(int(depth_stamps[k]) - stamp) <= max_depth_offset_ns:
+                    raw = read(depth_list[k][1], cv2.IMREAD_UNCHANGED)
+                    if raw.dtype != np.uint16 or raw.ndim != 2:
+                        raise ValueError(f"{root / depth_list[k][1]}: expected a 16-bit single-channel depth PNG")
+                    depth = (raw / TUM_DEPTH_FACTOR).astype(np.float32)
+            yield TumRgbdFrame(stamp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth)
+
+    return frames()
