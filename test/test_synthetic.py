@@ -212,6 +212,7 @@ def test_fps_and_speed_set_the_sampling():
         ({"fps": 0.0}, "fps"),
         ({"fov_deg": 180.0}, "fov_deg"),
         ({"speed": -1.0}, "speed"),
+        ({"seed": -3}, "seed"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):

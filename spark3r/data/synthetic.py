@@ -214,6 +214,7 @@ def trajectory_poses(trajectory: str, num_frames: int, fps: float, seed: int = 0
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if not np.isfinite(speed) or speed < 0 or speed > 5.0:
         raise ValueError(f"speed must be in [0, 5] m/s, got {speed!r}")
+    _check_seed(seed)
     phase = float(np.random.default_rng(seed).uniform(0.0, 2.0 * np.pi))
     times = np.arange(num_frames, dtype=np.float64) / fps
     return _TRAJECTORY_FUNCS[trajectory](times, phase, speed)
@@ -382,6 +383,7 @@ def _shade(points, surface, normal, face_axis, footprint, seed: int) -> np.ndarr
 def render_view(c2w: np.ndarray, K: np.ndarray, height: int, width: int, seed: int = 0):
     """Render one view of the scene: (uint8 [H,W,3] RGB, float32 [H,W] z-depth)."""
     _check_size(height, width)
+    _check_seed(seed)
     c2w = np.asarray(c2w, dtype=np.float64)
     K = np.asarray(K, dtype=np.float64)
     if c2w.shape != (4, 4) or K.shape != (3, 3):
@@ -431,6 +433,11 @@ def render_sequence(num_frames: int = 30, height: int = 120, width: int = 160, s
         base_to_camera=base_to_camera, base_c2w=base_c2w, fps=float(fps), trajectory=trajectory,
         seed=int(seed),
     )
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 def _check_size(height, width) -> None:
