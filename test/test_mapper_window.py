@@ -88,7 +88,7 @@ def test_config_validation_and_flat_parameters():
     with pytest.raises(ValueError, match="conf_percentile"):
         MapConfig(conf_percentile=100)
     with pytest.raises(ValueError, match="reduction"):
-        BackboneConfig(reduction="tome")
+        BackboneConfig(reduction="")
     with pytest.raises(ValueError, match="image_width"):
         BackboneConfig(image_width=500)
     with pytest.raises(TypeError, match="MapperConfig.window"):

@@ -1,0 +1,251 @@
+"""A real reconstruction model as a mapper :class:`~spark3r.mapping.backbone.Backbone`.
+
+``ModelBackbone`` = model (preset + weights) + token reduction + preprocessing + a patch-embedding
+cache + a decoder that turns the model family's outputs into the mapper's one convention.
+
+Adding a model family (π3, DA3): write ``decode_<family>(outputs, geometry) -> Prediction`` and
+``register_decoder("<family>", decode_<family>)``; the family is the preset's prefix
+(``"vggt-1b"`` -> ``"vggt"``). Nothing else in the mapper changes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbone import Prediction
+from .config import BackboneConfig
+from .frames import Keyframe
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing: the official "crop" mode (width -> image_width, height to the nearest multiple
+# of the patch size keeping the aspect ratio, centre crop if taller than wide), bicubic.
+
+
+@dataclass(frozen=True)
+class NetworkGeometry:
+    """How network pixels relate to keyframe-image pixels for one window."""
+
+    image_hw: tuple[int, int]              # keyframe image size
+    network_hw: tuple[int, int]            # model input size
+    box: tuple[float, float, float, float]  # image region (edge coords) the network input shows
+    resized_height: int                    # height after the resize, before the centre crop
+
+    def network_to_image_K(self, K_net: np.ndarray) -> np.ndarray:
+        """Intrinsics ``[..., 3, 3]`` in network pixels -> keyframe-image pixels (both with pixel
+        centres at integer coordinates)."""
+        x0, y0, x1, y1 = self.box
+        sx = (x1 - x0) / self.network_hw[1]
+        sy = (y1 - y0) / self.network_hw[0]
+        A = np.array([[sx, 0.0, x0 + 0.5 * sx - 0.5], [0.0, sy, y0 + 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
+        return A @ K_net
+
+
+def network_geometry(image_hw: tuple[int, int], image_width: int, patch_size: int = 14) -> NetworkGeometry:
+    H, W = image_hw
+    resized_h = max(patch_size, int(round(H * image_width / W / patch_size)) * patch_size)
+    net_h = min(resized_h, image_width)
+    top = (resized_h - net_h) // 2
+    # Crop rows [top, top + net_h) of the resized image, expressed in image edge coordinates.
+    y_scale = H / resized_h
+    box = (0.0, top * y_scale, float(W), (top + net_h) * y_scale)
+    return NetworkGeometry((H, W), (net_h, image_width), box, resized_h)
+
+
+def preprocess(image: np.ndarray, geometry: NetworkGeometry) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> float32 ``[3, h, w]`` in [0, 1] for the network."""
+    if image.shape[:2] != geometry.image_hw:
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, geometry expects {geometry.image_hw[1]}x{geometry.image_hw[0]}")
+    net_h, net_w = geometry.network_hw
+    resized_h = geometry.resized_height
+    resized = Image.fromarray(image).resize((net_w, resized_h), Image.Resampling.BICUBIC)
+    arr = np.asarray(resized, dtype=np.float32) / 255.0
+    top = (resized_h - net_h) // 2
+    return torch.from_numpy(np.ascontiguousarray(arr[top:top + net_h].transpose(2, 0, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders: model outputs -> Prediction (c2w OpenCV, K in image pixels, depth, conf).
+
+Decoder = Callable[[dict, NetworkGeometry], Prediction]
+DECODERS: dict[str, Decoder] = {}
+
+
+def register_decoder(family: str, decoder: Decoder) -> None:
+    if family in DECODERS:
+        raise ValueError(f"a decoder for model family {family!r} is already registered")
+    DECODERS[family] = decoder
+
+
+def decode_vggt(outputs: dict, geometry: NetworkGeometry) -> Prediction:
+    """VGGT: ``pose_enc`` (camera-from-world, OpenCV, FoV) + ``depth``/``depth_conf`` heads."""
+    from ..models.camera import pose_encoding_to_extrinsics_intrinsics
+
+    pose_enc = outputs["pose_enc"][0].detach().to(torch.float64).cpu()
+    w2c, K_net = pose_encoding_to_extrinsics_intrinsics(pose_enc, geometry.network_hw)
+    w2c = w2c.numpy()
+    S = w2c.shape[0]
+    R_t = np.swapaxes(w2c[:, :, :3], 1, 2)
+    c2w = np.tile(np.eye(4), (S, 1, 1))
+    c2w[:, :3, :3] = R_t
+    c2w[:, :3, 3] = -np.einsum("sij,sj->si", R_t, w2c[:, :, 3])
+    depth = outputs["depth"][0, ..., 0].detach().float().cpu().numpy()
+    conf = outputs["depth_conf"][0].detach().float().cpu().numpy()
+    K = geometry.network_to_image_K(K_net.numpy())
+    return Prediction(c2w=c2w, K=K, depth=depth, conf=conf, depth_box=geometry.box)
+
+
+register_decoder("vggt", decode_vggt)
+
+
+def model_family(model) -> str:
+    preset = getattr(model, "preset", None) or type(model).__name__
+    return str(preset).lower().split("-")[0]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchCache:
+    """Patch embeddings (and network images) per keyframe id, least recently used evicted first."""
+
+    def __init__(self, max_frames: int):
+        if max_frames < 1:
+            raise ValueError(f"cache max_frames must be >= 1, got {max_frames}")
+        self.max_frames = int(max_frames)
+        self._items: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key):
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return item
+
+    def put(self, key, image: torch.Tensor, tokens: torch.Tensor) -> None:
+        self._items[key] = (image, tokens)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_frames:
+            self._items.popitem(last=False)
+
+    def forget(self, keyframe_ids) -> None:
+        ids = set(int(i) for i in keyframe_ids)
+        for key in [k for k in self._items if k[0] in ids]:
+            del self._items[key]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+class ModelBackbone:
+    """Backbone around a spark3r model (see :meth:`from_config` for the production path).
+
+    ``model``: a built model with ``encode_patches`` and ``forward(images, patch_tokens=...)``.
+    ``image_width``: network input width (multiple of the patch size). ``cache_max_frames``:
+    patch-embedding cache capacity (0 disables the cache). ``device``: where inputs go (default:
+    the model's). The model's own dtype is used for its blocks; heads decide their own precision.
+    """
+
+    def __init__(self, model, *, image_width: int = 518, cache_max_frames: int = 24, device=None,
+                 family: Optional[str] = None):
+        self.model = model.eval()
+        self.family = family or model_family(model)
+        if self.family not in DECODERS:
+            raise ValueError(f"no decoder registered for model family {self.family!r}; known: {sorted(DECODERS)}")
+        self.patch_size = int(getattr(getattr(model, "config", None), "patch_size", 14))
+        if image_width < 2 * self.patch_size or image_width % self.patch_size:
+            raise ValueError(f"image_width must be a multiple of {self.patch_size} and >= {2 * self.patch_size}, got {image_width}")
+        self.image_width = int(image_width)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.cache = PatchCache(cache_max_frames) if cache_max_frames > 0 else None
+
+    @classmethod
+    def from_config(cls, config: BackboneConfig, window_size: int = 16, window_stride: int = 8) -> "ModelBackbone":
+        """Build the model from a preset and weights, install the reduction method.
+
+        ``config.checkpoint``: a file, directory or hub id for :func:`spark3r.models.load_pretrained`;
+        ``"seeded"`` gives deterministic random weights (tests and demos only); empty is refused
+        so a misconfigured node never maps with random weights silently.
+        """
+        from .. import accel
+        from ..models import build_model, load_pretrained
+
+        if not isinstance(config, BackboneConfig):
+            raise TypeError(f"config must be a BackboneConfig, got {type(config).__name__}")
+        dtype = _DTYPES[config.dtype]
+        device = torch.device(config.device)
+        if dtype != torch.float32 and device.type == "cpu":
+            raise ValueError(f"dtype={config.dtype} is only supported on CUDA devices; use float32 on {config.device}")
+        # Only camera + depth are decoded; skipping the point head saves memory and time.
+        if config.checkpoint == "":
+            raise ValueError("checkpoint is empty: give a weights file, directory or hub id "
+                             "(or 'seeded' for deterministic test weights)")
+        if config.checkpoint == "seeded":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = build_model(config.model, enable_point=False, enable_track=False)
+            model = model.to(device=device, dtype=dtype)
+        else:
+            model = load_pretrained(config.model, config.checkpoint, device=device, dtype=dtype,
+                                    enable_point=False, enable_track=False)
+        if config.reduction != "dense" or config.reduction_params:
+            accel.apply(model, config.reduction, **config.reduction_params)
+        cache = config.cache_max_frames or (window_size + window_stride)
+        return cls(model, image_width=config.image_width, cache_max_frames=cache, device=device)
+
+    # -- Backbone protocol ---------------------------------------------------------------------
+
+    def predict(self, window: Sequence[Keyframe]) -> Prediction:
+        if len(window) == 0:
+            raise ValueError("predict needs at least one keyframe")
+        shapes = {kf.image.shape[:2] for kf in window}
+        if len(shapes) != 1:
+            raise ValueError(f"all keyframes of a window must have the same image size, got {sorted(shapes)}")
+        geometry = network_geometry(next(iter(shapes)), self.image_width, self.patch_size)
+        images, tokens = self._inputs(window, geometry)
+        with torch.inference_mode():
+            outputs = self.model(images[None], patch_tokens=tokens[None], heads=("camera", "depth"))
+        return DECODERS[self.family](outputs, geometry)
+
+    def forget(self, keyframe_ids) -> None:
+        if self.cache is not None:
+            self.cache.forget(keyframe_ids)
+
+    def reset(self) -> None:
+        if self.cache is not None:
+            self.cache.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _inputs(self, window: Sequence[Keyframe], geometry: NetworkGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network images ``[S, 3, h, w]`` and patch tokens ``[S, Np, C]``, from the cache where
+        possible; missing frames are encoded in one call (frames are encoded independently, so
+        this equals encoding the whole window)."""
+        key = lambda kf: (kf.id, geometry.network_hw)  # noqa: E731
+        found = {kf.id: self.cache.get(key(kf)) for kf in window} if self.cache is not None else {}
+        missing = [kf for kf in window if found.get(kf.id) is None]
+        if missing:
+            fresh = torch.stack([preprocess(kf.image, geometry) for kf in missing]).to(self.device)
+            with torch.inference_mode():
+                fresh_tokens = self.model.encode_patches(fresh[None])[0]
+            for kf, img, tok in zip(missing, fresh, fresh_tokens):
+                found[kf.id] = (img, tok)
+                if self.cache is not None:
+                    self.cache.put(key(kf), img, tok)
+        images = torch.stack([found[kf.id][0] for kf in window])
+        tokens = torch.stack([found[kf.id][1] for kf in window])
+        return images, tokens
