@@ -173,3 +173,77 @@ def test_bad_extrinsic_and_config_are_refused(seq):
         Mapper({"window_size": 4}, GroundTruthBackbone(seq))
     with pytest.raises(TypeError, match="predict"):
         Mapper(cfg(), object())
+
+
+def _shift_frames(pred, frames, rng, amount):
+    for f in frames:
+        pred.c2w[f, :3, 3] += rng.normal(size=3) * amount
+    return pred
+
+
+def test_one_corrupted_shared_keyframe_is_outvoted(seq):
+    """A window whose first (shared) keyframe got a wildly wrong pose still aligns on the others."""
+    rng = np.random.default_rng(0)
+    inner = GroundTruthBackbone(seq, seed=6)
+    spoil = {c: (lambda p: _shift_frames(p, [0], rng, 2.0 * np.median(p.depth))) for c in range(1, 20)}
+    m = Mapper(cfg(), Corrupting(inner, spoil))
+    for i in range(len(seq)):
+        m.offer(frame(seq, i))
+        drain(m)
+    st = m.stats
+    assert st.windows_rejected_alignment == 0 and st.windows_mapped == st.windows
+    assert st.last_inlier_fraction < 0.8  # the spoiled frame's share was recognised as outliers
+    est = np.stack([k.camera_to_map[:3, 3] for k in m.trajectory])
+    gt = seq.c2w[[inner.frame_of_stamp[k.stamp_ns] for k in m.trajectory], :3, 3]
+    from spark3r.mapping import umeyama
+    S = umeyama(est, gt)
+    assert np.sqrt(np.mean(np.sum((S.apply(est) - gt) ** 2, axis=1))) < 1e-3 * seq.scene_extent
+
+
+def test_inconsistent_windows_are_rejected_then_the_map_restarts(seq):
+    rng = np.random.default_rng(1)
+
+    def scramble_depth(p):
+        p.depth *= (1.0 + rng.random(p.depth.shape)).astype(np.float32)
+        return p
+
+    bb = Corrupting(GroundTruthBackbone(seq, seed=7), {c: scramble_depth for c in range(1, 4)})
+    m = Mapper(cfg(6, 3), bb)
+    for i in range(12):
+        m.offer(frame(seq, i))
+        drain(m)
+    st = m.stats
+    # Window 1 maps 6; windows at 9, 10, 11 keyframes are rejected; at 12 keyframes no mapped
+    # keyframe is left in the window, so the map restarts from it (counted, no crash).
+    assert st.windows_rejected_alignment == 3 and st.max_residual > m.config.window.max_alignment_residual
+    assert st.resets_tracking_lost == 1 and st.keyframes_dropped_unmapped == 0
+    traj = m.trajectory
+    assert [k.id for k in traj] == list(range(6, 12))
+    assert len(m.voxel_map) > 0
+
+
+def test_concurrent_offer_and_worker_threads(seq):
+    """The image thread offers while a worker drains: nothing is lost or double-counted."""
+    m = Mapper(cfg(), GroundTruthBackbone(seq, seed=8))
+    done = threading.Event()
+    errors = []
+
+    def worker():
+        try:
+            while not done.is_set() or m.stats.pending_keyframes:
+                if m.process_pending() is None:
+                    done.wait(0.001)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    for i in range(len(seq)):
+        m.offer(frame(seq, i))
+        _ = m.trajectory, m.stats, m.voxel_map.points()
+    done.set()
+    t.join(20)
+    assert not errors and not t.is_alive()
+    m.flush()
+    st = m.stats
+    assert st.keyframes == len(seq) and len(m.trajectory) == len(seq) and st.windows_mapped == st.windows

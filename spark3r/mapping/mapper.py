@@ -160,11 +160,10 @@ class Mapper:
         return T
 
     def set_base_to_camera(self, base_to_camera: Optional[np.ndarray]) -> None:
-        """Set the extrinsic (e.g. once /tf_static arrives). It defines the map frame when the
-        map starts, so it takes effect at the next (re)start of the map."""
-        T = self._checked_extrinsic(base_to_camera)
-        with self._work_lock:
-            self.base_to_camera = T
+        """Set the extrinsic (e.g. once /tf_static arrives); never blocks. Base poses of keyframes
+        mapped from the next window on use it; the map origin (first base_link) is fixed when the
+        map starts, so a change of the origin takes effect at the next (re)start of the map."""
+        self.base_to_camera = self._checked_extrinsic(base_to_camera)  # one atomic attribute swap
 
     # ------------------------------------------------------------------ input side
 
@@ -366,6 +365,7 @@ class Mapper:
 
     def _integrate(self, pred: Prediction, depth: np.ndarray, conf: np.ndarray, latency: float) -> Optional[WindowResult]:
         c2w = np.asarray(pred.c2w, dtype=np.float64)
+        base_to_camera = self.base_to_camera  # read once: another thread may swap it
         shared = [i for i, s in enumerate(self._window) if s.camera_to_map is not None]
         starts_map = not shared
         if starts_map:
@@ -376,7 +376,7 @@ class Mapper:
                 self.voxel_map.clear()
                 with self._read_lock:
                     self._trajectory.clear()
-            rigid = self.base_to_camera @ invert_rigid(c2w[0], tol=1e-3)
+            rigid = base_to_camera @ invert_rigid(c2w[0], tol=1e-3)
             to_map = Sim3(1.0, rigid[:3, :3], rigid[:3, 3])
             residual, inlier_fraction = 0.0, 1.0
         else:
@@ -407,7 +407,7 @@ class Mapper:
             xyz, rgb = self._keyframe_points(slot, K_used)
             xyz_all.append(xyz)
             rgb_all.append(rgb)
-            base_to_map = poses[i] @ invert_rigid(self.base_to_camera)
+            base_to_map = poses[i] @ invert_rigid(base_to_camera)
             new_keyframes.append(MappedKeyframe(slot.keyframe.id, slot.keyframe.stamp_ns, poses[i], base_to_map, K_used, self._window_index))
         xyz = np.concatenate(xyz_all).astype(np.float32) if xyz_all else np.zeros((0, 3), np.float32)
         rgb = np.concatenate(rgb_all).astype(np.uint8) if rgb_all else np.zeros((0, 3), np.uint8)
