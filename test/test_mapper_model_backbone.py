@@ -132,15 +132,15 @@ def test_mapper_results_do_not_depend_on_the_cache(seq, model):
 
 
 def test_from_config_builds_seeded_models_and_refuses_bad_settings():
-    bb = ModelBackbone.from_config(BackboneConfig(model="vggt-tiny", checkpoint="seeded", image_width=WIDTH,
+    bb = ModelBackbone.from_config(BackboneConfig(backbone="vggt-tiny", checkpoint="seeded", image_width=WIDTH,
                                                   reduction="uniform", reduction_params={"ratio": 0.5}), 6, 3)
     assert bb.family == "vggt" and bb.cache.max_frames == 9
     assert bb.model.accel_handle.method == "uniform"
     with pytest.raises(ValueError, match="checkpoint is empty"):
-        ModelBackbone.from_config(BackboneConfig(model="vggt-tiny"))
+        ModelBackbone.from_config(BackboneConfig(backbone="vggt-tiny"))
     with pytest.raises(ValueError, match="only supported on CUDA"):
-        ModelBackbone.from_config(BackboneConfig(model="vggt-tiny", checkpoint="seeded", dtype="bfloat16"))
+        ModelBackbone.from_config(BackboneConfig(backbone="vggt-tiny", checkpoint="seeded", dtype="bfloat16"))
     with pytest.raises(ValueError, match="reduction method"):
-        ModelBackbone.from_config(BackboneConfig(model="vggt-tiny", checkpoint="seeded", reduction="tome"))
+        ModelBackbone.from_config(BackboneConfig(backbone="vggt-tiny", checkpoint="seeded", reduction="tome"))
     with pytest.raises(ValueError, match="preset"):
-        ModelBackbone.from_config(BackboneConfig(model="vggt-huge", checkpoint="seeded"))
+        ModelBackbone.from_config(BackboneConfig(backbone="vggt-huge", checkpoint="seeded"))

@@ -97,7 +97,7 @@ class MapConfig:
     max_points_per_keyframe: int = param(20000, "at most this many points are unprojected per keyframe (evenly subsampled)")
     voxel_size: float = param(0.02, "edge of a map voxel, in map units (metres only if the backbone is metric)")
     max_map_points: int = param(2_000_000, "voxel map capacity; the least recently updated voxels are evicted beyond it")
-    use_camera_intrinsics: bool = param(True, "unproject with the frame's camera_info K when it has one; otherwise use the backbone's intrinsics")
+    use_camera_info_intrinsics: bool = param(True, "unproject with the frame's camera_info K when it has one; otherwise use the backbone's intrinsics")
     max_trajectory_length: int = param(100_000, "keyframe poses kept in the trajectory; the oldest are forgotten beyond it")
 
     def __post_init__(self) -> None:
@@ -107,14 +107,14 @@ class MapConfig:
                self.max_points_per_keyframe, "an integer >= 1")
         _check(_finite(self.voxel_size) and self.voxel_size > 0, "voxel_size", self.voxel_size, "a finite number > 0")
         _check(isinstance(self.max_map_points, int) and self.max_map_points >= 1, "max_map_points", self.max_map_points, "an integer >= 1")
-        _check(isinstance(self.use_camera_intrinsics, bool), "use_camera_intrinsics", self.use_camera_intrinsics, "a bool")
+        _check(isinstance(self.use_camera_info_intrinsics, bool), "use_camera_info_intrinsics", self.use_camera_info_intrinsics, "a bool")
         _check(isinstance(self.max_trajectory_length, int) and self.max_trajectory_length >= 1, "max_trajectory_length",
                self.max_trajectory_length, "an integer >= 1")
 
 
 @dataclass
 class BackboneConfig:
-    model: str = param("vggt-1b", "model preset (e.g. vggt-1b, vggt-tiny)")
+    backbone: str = param("vggt-1b", "model preset (e.g. vggt-1b, vggt-tiny)")
     checkpoint: str = param("", "weights: a file / directory / hub id, or 'seeded' for deterministic test weights; empty = none (refused)")
     device: str = param("cpu", "torch device, e.g. cpu or cuda:0")
     dtype: str = param("float32", "compute dtype: float32, bfloat16 or float16 (half types only on CUDA)")
@@ -124,7 +124,7 @@ class BackboneConfig:
     cache_max_frames: int = param(0, "patch-embedding cache capacity in keyframes (0 = window_size + window_stride)")
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.model, str) and self.model != "", "model", self.model, "a non-empty preset name")
+        _check(isinstance(self.backbone, str) and self.backbone != "", "backbone", self.backbone, "a non-empty preset name")
         _check(isinstance(self.checkpoint, str), "checkpoint", self.checkpoint, "a string")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype, "one of float32, bfloat16, float16")
         # The method name is checked against spark3r.accel's registry when the backbone is built

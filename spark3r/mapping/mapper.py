@@ -403,7 +403,7 @@ class Mapper:
             slot.conf = conf[i]
             slot.K_pred = np.asarray(pred.K[i], dtype=np.float64)
             slot.depth_box = tuple(float(b) for b in pred.depth_box)
-            K_used = slot.keyframe.K if (self.config.map.use_camera_intrinsics and slot.keyframe.K is not None) else slot.K_pred
+            K_used = slot.keyframe.K if (self.config.map.use_camera_info_intrinsics and slot.keyframe.K is not None) else slot.K_pred
             xyz, rgb = self._keyframe_points(slot, K_used)
             xyz_all.append(xyz)
             rgb_all.append(rgb)

@@ -197,10 +197,10 @@ class ModelBackbone:
         if config.checkpoint == "seeded":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = build_model(config.model, enable_point=False, enable_track=False)
+                model = build_model(config.backbone, enable_point=False, enable_track=False)
             model = model.to(device=device, dtype=dtype)
         else:
-            model = load_pretrained(config.model, config.checkpoint, device=device, dtype=dtype,
+            model = load_pretrained(config.backbone, config.checkpoint, device=device, dtype=dtype,
                                     enable_point=False, enable_track=False)
         if config.reduction != "dense" or config.reduction_params:
             accel.apply(model, config.reduction, **config.reduction_params)
