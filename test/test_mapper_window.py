@@ -104,3 +104,28 @@ def test_config_validation_and_flat_parameters():
         assert all(doc for _, doc in docs.values()), cls.__name__
         names += [f.name for f in fields(cls)]
     assert len(names) == len(set(names))
+
+
+def test_worker_loop_drains_backlog_past_a_failed_window(seq):
+    class FailSecond:
+        def __init__(self):
+            self.inner, self.calls = GroundTruthBackbone(seq, seed=4), 0
+
+        def predict(self, window):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("transient failure")
+            return self.inner.predict(window)
+
+    bb = FailSecond()
+    m = Mapper(every_frame_config(6, 3), bb)
+    feed(m, seq, range(14), process=False)
+    assert m.backlog == 14
+    results = []
+    while (r := m.process_pending()) is not None or m.backlog:
+        if r is not None:
+            results.append(r)
+    assert m.backlog == 0 and m.stats.backbone_errors == 1
+    # 6 at the first window; the failed one (9 keyframes) is retried with 10 and maps 4; then 13.
+    assert [len(r.keyframes) for r in results] == [6, 4, 3]
+    assert len(m.flush()) == 1 and len(m.trajectory) == 14

@@ -8,13 +8,15 @@ shares with it -> new keyframes get map poses, their confident depth becomes map
 Map frame (REP-103, z up): the first keyframe's ``base_link`` is the origin when the
 base->camera extrinsic is known; otherwise the first camera's optical frame re-expressed with the
 standard optical->body rotation (x forward, y left, z up). The map's unit is the first window's
-unit (metres only if the backbone is metric); later windows are scaled into it.
+unit (metres only if the backbone is metric); later windows are scaled into it. The extrinsic's
+translation is used as given, so it is only exact when the backbone is metric.
 
-Threading: ``offer`` may be called from the image callback while a worker thread runs
-``process_pending``; ``offer`` never waits for inference (it only takes a small lock that the
-worker holds for microseconds). ``process_pending``/``flush``/``save``/``reset`` are serialised
-among themselves. ``trajectory``, ``voxel_map.points()``, ``stats`` return copies and may be
-read from any thread.
+Threading: ``offer`` may be called from the image callback while one worker thread runs
+``process_pending`` in a loop (see :attr:`Mapper.backlog`). ``offer`` never waits for inference:
+it only takes a small lock that the worker holds for microseconds. ``process_pending``,
+``flush`` and ``reset`` are serialised among themselves (``reset`` may wait for a running
+window). ``trajectory``, ``voxel_map.points()``, ``stats``, ``backlog``, ``save`` and
+``set_base_to_camera`` are safe from any thread; readers get copies.
 """
 from __future__ import annotations
 
@@ -283,9 +285,20 @@ class Mapper:
     def flush(self) -> list[WindowResult]:
         """Map everything still queued (end of stream)."""
         results = []
-        while (result := self.process_pending(force=True)) is not None:
-            results.append(result)
-        return results
+        while True:
+            result = self.process_pending(force=True)
+            if result is not None:
+                results.append(result)
+            elif not self.backlog:
+                return results
+
+    @property
+    def backlog(self) -> int:
+        """Keyframes queued for the worker. A worker loop is
+        ``while (r := m.process_pending()) is not None or m.backlog: ...`` (a dropped window
+        returns None while keyframes may still be queued)."""
+        with self._gate_lock:
+            return len(self._pending)
 
     def _unmapped(self) -> int:
         return sum(1 for s in self._window if s.camera_to_map is None)
