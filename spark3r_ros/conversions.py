@@ -21,6 +21,7 @@ from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Pose, TransformStamped
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 
+from spark3r.data import image_codec
 from spark3r.geometry import RIGID_TOLERANCE, matrix_to_quat_xyzw, quat_xyzw_to_matrix, rigid_error
 
 _NS_PER_S = 1_000_000_000
@@ -69,40 +70,11 @@ def _set_header(msg, stamp, frame_id: str) -> None:
     msg.header.frame_id = frame_id
 
 
-def _message_bytes(data) -> np.ndarray:
-    """The uint8 payload of a message field as a numpy view (no copy for array/bytes)."""
-    try:
-        return np.frombuffer(data, dtype=np.uint8)
-    except TypeError:
-        return np.asarray(data, dtype=np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------
-# Images
+# Images: decoding and encoding live in spark3r.data.image_codec (shared with the bag reader);
+# these wrappers only move fields between messages and that code.
 
-# encoding -> (element dtype, channels)
-IMAGE_ENCODINGS: dict[str, tuple[np.dtype, int]] = {
-    "rgb8": (np.dtype(np.uint8), 3),
-    "bgr8": (np.dtype(np.uint8), 3),
-    "rgba8": (np.dtype(np.uint8), 4),
-    "bgra8": (np.dtype(np.uint8), 4),
-    "mono8": (np.dtype(np.uint8), 1),
-    "mono16": (np.dtype(np.uint16), 1),
-    "16UC1": (np.dtype(np.uint16), 1),
-    "32FC1": (np.dtype(np.float32), 1),
-}
-
-# Channel order that turns each colour encoding into RGB.
-_TO_RGB_CHANNELS = {"rgb8": [0, 1, 2], "bgr8": [2, 1, 0], "rgba8": [0, 1, 2], "bgra8": [2, 1, 0]}
-
-
-def _encoding_info(encoding: str) -> tuple[np.dtype, int]:
-    try:
-        return IMAGE_ENCODINGS[encoding]
-    except KeyError:
-        raise ValueError(
-            f"unsupported image encoding {encoding!r}; supported: {', '.join(IMAGE_ENCODINGS)}"
-        ) from None
+IMAGE_ENCODINGS = image_codec.IMAGE_ENCODINGS  # encoding -> (element dtype, stored channels)
 
 
 def image_to_numpy(msg: Image) -> np.ndarray:
@@ -111,24 +83,9 @@ def image_to_numpy(msg: Image) -> np.ndarray:
     Row padding (``step`` larger than the pixel bytes) is dropped, big-endian data is swapped.
     Sizes that do not agree with ``len(data)`` raise ValueError instead of being guessed.
     """
-    dtype, channels = _encoding_info(msg.encoding)
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    row_bytes = width * channels * dtype.itemsize
-    shape = (height, width) if channels == 1 else (height, width, channels)
-    if step < row_bytes:
-        raise ValueError(
-            f"image step {step} is smaller than width*channels*bytes = {width}*{channels}*{dtype.itemsize} = {row_bytes}"
-        )
-    data = _message_bytes(msg.data)
-    if data.size != step * height:
-        raise ValueError(
-            f"image data has {data.size} bytes, expected step*height = {step}*{height} = {step * height} ({msg.encoding} {width}x{height})"
-        )
-    if height == 0 or width == 0:
-        return np.zeros(shape, dtype)
-    rows = np.ascontiguousarray(data.reshape(height, step)[:, :row_bytes])
-    wire_dtype = dtype.newbyteorder(">" if msg.is_bigendian else "<")
-    return rows.view(wire_dtype).reshape(shape).astype(dtype, copy=True)
+    if int(msg.step) == 0 and int(msg.height) > 0 and int(msg.width) > 0:
+        raise ValueError(f"image step is 0 for a {msg.width}x{msg.height} {msg.encoding} image")
+    return image_codec.decode_image(msg.data, msg.height, msg.width, msg.encoding, msg.step, bool(msg.is_bigendian))
 
 
 def numpy_to_image(array, encoding: str, stamp=None, frame_id: str = "") -> Image:
@@ -137,22 +94,13 @@ def numpy_to_image(array, encoding: str, stamp=None, frame_id: str = "") -> Imag
     The array dtype must match the encoding exactly (uint8 for 8-bit encodings, uint16 for
     mono16/16UC1, float32 for 32FC1): a silent cast would change the pixel values.
     """
-    dtype, channels = _encoding_info(encoding)
-    arr = np.asarray(array)
-    if arr.dtype != dtype:
-        raise TypeError(f"encoding {encoding} needs a {dtype} array, got {arr.dtype}")
-    if channels == 1 and arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    expected = "[H, W]" if channels == 1 else f"[H, W, {channels}]"
-    if (channels == 1 and arr.ndim != 2) or (channels > 1 and (arr.ndim != 3 or arr.shape[2] != channels)):
-        raise ValueError(f"encoding {encoding} needs an array of shape {expected}, got {arr.shape}")
+    payload, height, width, step = image_codec.encode_image(array, encoding)
     msg = Image()
     _set_header(msg, stamp, frame_id)
-    msg.height, msg.width = int(arr.shape[0]), int(arr.shape[1])
+    msg.height, msg.width, msg.step = height, width, step
     msg.encoding = encoding
     msg.is_bigendian = 0
-    msg.step = msg.width * channels * dtype.itemsize
-    msg.data = arr.astype(dtype.newbyteorder("<"), copy=False).tobytes()
+    msg.data = payload
     return msg
 
 
@@ -163,64 +111,22 @@ def image_to_rgb(msg: Image) -> np.ndarray:
     encodings (mono16, 16UC1, 32FC1) are refused: scaling them to 8 bits is a policy decision
     the caller must make explicitly (use :func:`image_to_numpy`).
     """
-    if msg.encoding in ("mono16", "16UC1", "32FC1"):
-        raise ValueError(
-            f"encoding {msg.encoding} is not a colour image; expected one of rgb8, bgr8, rgba8, bgra8, mono8 "
-            "(use image_to_numpy for depth or 16-bit images)"
-        )
-    arr = image_to_numpy(msg)
-    if msg.encoding == "mono8":
-        return np.repeat(arr[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(arr[:, :, _TO_RGB_CHANNELS[msg.encoding]])
-
-
-def _compressed_codec(fmt: str) -> str:
-    lowered = fmt.lower()
-    if "compresseddepth" in lowered:
-        raise ValueError(f"compressedDepth images ({fmt!r}) are not supported; expected a jpeg or png colour image")
-    if "jpeg" in lowered or "jpg" in lowered:
-        return "jpeg"
-    if "png" in lowered:
-        return "png"
-    if lowered.strip() == "":
-        return "auto"
-    raise ValueError(f"unsupported CompressedImage format {fmt!r}; expected jpeg or png")
+    return image_codec.decode_raw_image(msg.data, msg.height, msg.width, msg.encoding, msg.step)
 
 
 def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     """``sensor_msgs/CompressedImage`` (jpeg or png) -> ``uint8 [H, W, 3]`` RGB."""
-    import cv2
-
-    _compressed_codec(msg.format)
-    data = _message_bytes(msg.data)
-    if data.size == 0:
-        raise ValueError("CompressedImage has no data")
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"could not decode CompressedImage data ({data.size} bytes, format {msg.format!r})")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return image_codec.decode_compressed_image(msg.data, msg.format)
 
 
 def numpy_to_compressed(rgb, fmt: str = "jpeg", stamp=None, frame_id: str = "", jpeg_quality: int = 95) -> CompressedImage:
     """``uint8 [H, W, 3]`` RGB -> ``CompressedImage``; ``format`` follows image_transport
     (``"rgb8; jpeg compressed bgr8"``) so image_transport decoders restore rgb8."""
-    import cv2
-
-    if fmt not in ("jpeg", "png"):
-        raise ValueError(f"fmt must be 'jpeg' or 'png', got {fmt!r}")
-    arr = np.asarray(rgb)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an RGB image uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"cannot compress an empty image of shape {arr.shape}")
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if fmt == "jpeg" else []
-    ok, encoded = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR), params)
-    if not ok:
-        raise ValueError(f"OpenCV failed to encode a {arr.shape} image as {fmt}")
+    data, fmt_field = image_codec.encode_compressed_image(rgb, fmt, jpeg_quality)
     msg = CompressedImage()
     _set_header(msg, stamp, frame_id)
-    msg.format = f"rgb8; {fmt} compressed bgr8"
-    msg.data = encoded.tobytes()
+    msg.format = fmt_field
+    msg.data = data
     return msg
 
 
@@ -332,7 +238,7 @@ def msg_to_cloud(msg: PointCloud2) -> tuple[np.ndarray, Optional[np.ndarray]]:
 
     height, width = int(msg.height), int(msg.width)
     point_step, row_step = int(msg.point_step), int(msg.row_step)
-    data = _message_bytes(msg.data)
+    data = image_codec.payload_bytes(msg.data)
     if height * width and point_step <= 0:
         raise ValueError(f"point_step must be positive, got {point_step}")
     if row_step < width * point_step:

@@ -264,9 +264,9 @@ def test_compressed_png_is_lossless_and_jpeg_close():
 
 
 def test_codec_errors():
-    with pytest.raises(ValueError, match="32FC1 is not an 8-bit colour image"):
+    with pytest.raises(ValueError, match="32FC1 is not a colour image"):
         decode_raw_image(b"\0" * 16, 2, 2, "32FC1")
-    with pytest.raises(ValueError, match="mono16 is not an 8-bit colour image"):
+    with pytest.raises(ValueError, match="mono16 is not a colour image"):
         decode_raw_image(b"\0" * 8, 2, 2, "mono16")
     with pytest.raises(ValueError, match="unsupported image encoding 'bayer_rggb8'"):
         decode_raw_image(b"\0" * 4, 2, 2, "bayer_rggb8")

@@ -156,8 +156,8 @@ def test_image_to_rgb_rejects_depth_encodings(encoding):
 
 
 def test_image_errors():
-    with pytest.raises(ValueError, match="unsupported image encoding 'yuv422'"):
-        cv.image_to_numpy(Image(height=1, width=1, encoding="yuv422", step=2, data=b"\x00\x00"))
+    with pytest.raises(ValueError, match="unsupported image encoding 'bayer_rggb8'"):
+        cv.image_to_numpy(Image(height=1, width=1, encoding="bayer_rggb8", step=1, data=b"\x00"))
     with pytest.raises(ValueError, match="expected step\\*height"):
         cv.image_to_numpy(Image(height=2, width=2, encoding="mono8", step=2, data=b"\x00" * 3))
     with pytest.raises(ValueError, match="step 5 is smaller"):
