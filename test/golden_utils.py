@@ -98,3 +98,9 @@ def deviation(candidate: torch.Tensor, golden: torch.Tensor) -> float:
     g = golden.detach().to(torch.float64).cpu()
     s = g.abs()
     return float(((c - g).abs() / (s + s.median()).clamp_min(1e-300)).max())
+
+
+def seeded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """seeded-v1 values for every entry of ``model.state_dict()`` (meta models work too); a
+    deterministic, non-trivial weight set for tests that do not need the golden files."""
+    return {name: seeded_v1(name, t.shape) for name, t in model.state_dict().items()}

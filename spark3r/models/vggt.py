@@ -162,7 +162,9 @@ class Aggregator(nn.Module):
         """``[B, S, 3, H, W]`` in [0, 1] -> final-normed DINO patch tokens ``[B, S, Np, C]``."""
         b, s, _, h, w = images.shape
         flat = normalize_images(images).reshape(b * s, 3, h, w)
-        step = self.cfg.encoder_frames_chunk
+        # On the meta device nothing is computed, so chunking would only add per-op overhead
+        # (e.g. when counting FLOPs of a 1000-frame forward).
+        step = b * s if flat.is_meta else self.cfg.encoder_frames_chunk
         tokens = [self.patch_embed(flat[i : i + step]) for i in range(0, b * s, step)]
         tokens = tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=0)
         return tokens.reshape(b, s, tokens.shape[1], tokens.shape[2])
