@@ -136,7 +136,7 @@ def median_flow(prev_gray: np.ndarray, gray: np.ndarray, corners: np.ndarray) ->
     ``gray`` with forward-backward checked Lucas-Kanade, and the fraction tracked (0 if none)."""
     if len(corners) == 0:
         return float("nan"), 0.0
-    lk = dict(winSize=(21, 21), maxLevel=3, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01))
+    lk = dict(winSize=(15, 15), maxLevel=3, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03))
     fwd, st1, _ = cv2.calcOpticalFlowPyrLK(prev_gray, gray, corners, None, **lk)
     back, st2, _ = cv2.calcOpticalFlowPyrLK(gray, prev_gray, fwd, None, **lk)
     fb_error = np.linalg.norm((back - corners).reshape(-1, 2), axis=1)

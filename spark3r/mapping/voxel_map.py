@@ -66,15 +66,15 @@ class VoxelMap:
             keys = _pack(idx)
             new_keys, inverse = np.unique(keys, return_inverse=True)
             n = len(new_keys)
-            xyz_sum = np.zeros((n, 3))
-            rgb_sum = np.zeros((n, 3))
-            np.add.at(xyz_sum, inverse, xyz)
-            np.add.at(rgb_sum, inverse, rgb)
+            xyz_sum = np.stack([np.bincount(inverse, weights=xyz[:, a], minlength=n) for a in range(3)], axis=1)
+            rgb_sum = np.stack([np.bincount(inverse, weights=rgb[:, a], minlength=n) for a in range(3)], axis=1)
             count = np.bincount(inverse, minlength=n).astype(np.int64)
             self._tick += 1
-            pos = np.searchsorted(self._keys, new_keys)
-            pos_c = np.minimum(pos, max(len(self._keys) - 1, 0))
-            hit = (len(self._keys) > 0) & (self._keys[pos_c] == new_keys) if len(self._keys) else np.zeros(n, bool)
+            if len(self._keys):
+                pos_c = np.minimum(np.searchsorted(self._keys, new_keys), len(self._keys) - 1)
+                hit = self._keys[pos_c] == new_keys
+            else:
+                pos_c, hit = np.zeros(n, np.int64), np.zeros(n, bool)
             where = pos_c[hit]
             self._xyz_sum[where] += xyz_sum[hit]
             self._rgb_sum[where] += rgb_sum[hit]
