@@ -15,7 +15,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .backbone import Prediction
 from .config import BackboneConfig
@@ -25,8 +24,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing: the official "crop" mode (width -> image_width, height to the nearest multiple
-# of the patch size keeping the aspect ratio, centre crop if taller than wide), bicubic.
+# Preprocessing is spark3r.models.preprocess ("crop" mode); this records where its output sits
+# in the keyframe image so intrinsics and depth can be mapped back.
 
 
 @dataclass(frozen=True)
@@ -48,27 +47,32 @@ class NetworkGeometry:
         return A @ K_net
 
 
-def network_geometry(image_hw: tuple[int, int], image_width: int, patch_size: int = 14) -> NetworkGeometry:
+def network_geometry(image_hw: tuple[int, int], image_width: int) -> NetworkGeometry:
+    """Geometry of ``preprocess_image(image, "crop", image_width)`` for an image of ``image_hw``."""
+    from ..models.preprocess import target_size_for
+
     H, W = image_hw
-    resized_h = max(patch_size, int(round(H * image_width / W / patch_size)) * patch_size)
+    new_w, resized_h = target_size_for(W, H, "crop", image_width)
+    if resized_h == 0:
+        raise ValueError(f"image {W}x{H} is too elongated for a network input {image_width} pixels wide")
     net_h = min(resized_h, image_width)
     top = (resized_h - net_h) // 2
-    # Crop rows [top, top + net_h) of the resized image, expressed in image edge coordinates.
+    # Rows [top, top + net_h) of the resized image, expressed in image edge coordinates.
     y_scale = H / resized_h
     box = (0.0, top * y_scale, float(W), (top + net_h) * y_scale)
-    return NetworkGeometry((H, W), (net_h, image_width), box, resized_h)
+    return NetworkGeometry((H, W), (net_h, new_w), box, resized_h)
 
 
 def preprocess(image: np.ndarray, geometry: NetworkGeometry) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` -> float32 ``[3, h, w]`` in [0, 1] for the network."""
+    from ..models.preprocess import preprocess_image
+
     if image.shape[:2] != geometry.image_hw:
         raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, geometry expects {geometry.image_hw[1]}x{geometry.image_hw[0]}")
-    net_h, net_w = geometry.network_hw
-    resized_h = geometry.resized_height
-    resized = Image.fromarray(image).resize((net_w, resized_h), Image.Resampling.BICUBIC)
-    arr = np.asarray(resized, dtype=np.float32) / 255.0
-    top = (resized_h - net_h) // 2
-    return torch.from_numpy(np.ascontiguousarray(arr[top:top + net_h].transpose(2, 0, 1)))
+    out = preprocess_image(image, "crop", geometry.network_hw[1])
+    if tuple(out.shape[1:]) != geometry.network_hw:
+        raise RuntimeError(f"preprocessing gave {tuple(out.shape[1:])}, expected {geometry.network_hw}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +219,7 @@ class ModelBackbone:
         shapes = {kf.image.shape[:2] for kf in window}
         if len(shapes) != 1:
             raise ValueError(f"all keyframes of a window must have the same image size, got {sorted(shapes)}")
-        geometry = network_geometry(next(iter(shapes)), self.image_width, self.patch_size)
+        geometry = network_geometry(next(iter(shapes)), self.image_width)
         images, tokens = self._inputs(window, geometry)
         with torch.inference_mode():
             outputs = self.model(images[None], patch_tokens=tokens[None], heads=("camera", "depth"))
