@@ -145,3 +145,17 @@ def test_save_writes_ply_and_tum(seq, tmp_path):
     traj = mapper.trajectory
     np.testing.assert_array_equal(stamps, [k.stamp_ns for k in traj])
     np.testing.assert_allclose(poses, np.stack([k.camera_to_map for k in traj]), atol=1e-6)
+
+
+def test_static_camera_maps_only_on_the_time_gap_and_stays_put():
+    seq = render_sequence(num_frames=30, height=60, width=80, seed=3, trajectory="static")
+    cfg = MapperConfig(keyframe=KeyframeConfig(min_parallax_px=4.0, max_time_gap_s=0.5),
+                       window=WindowConfig(window_size=4, window_stride=2), map=MapConfig(voxel_size=0.01))
+    mapper = Mapper(cfg, GroundTruthBackbone(seq, seed=17), base_to_camera=seq.base_to_camera)
+    run(mapper, seq)
+    st = mapper.stats
+    assert st.decisions == {"first": 1, "max_time_gap": 5, "low_parallax": 24}
+    traj = mapper.trajectory
+    assert len(traj) == 6 and st.windows_mapped == st.windows >= 2
+    for k in traj:  # every keyframe is the first one: identity motion in the map
+        np.testing.assert_allclose(k.base_to_map, np.eye(4), atol=1e-6)

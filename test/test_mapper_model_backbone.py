@@ -131,11 +131,13 @@ def test_mapper_results_do_not_depend_on_the_cache(seq, model):
     np.testing.assert_array_equal(m1.voxel_map.points()[0], m2.voxel_map.points()[0])
 
 
-def test_from_config_builds_seeded_models_and_refuses_bad_settings():
+def test_from_config_builds_seeded_models_and_refuses_bad_settings(seq):
     bb = ModelBackbone.from_config(BackboneConfig(backbone="vggt-tiny", checkpoint="seeded", image_width=WIDTH,
                                                   reduction="uniform", reduction_params={"ratio": 0.5}), 6, 3)
     assert bb.family == "vggt" and bb.cache.max_frames == 9
     assert bb.model.accel_handle.method == "uniform"
+    pred = bb.predict(keyframes(seq, range(4)))  # reduced attention runs through the same path
+    assert pred.shape_problem(4) is None and pred.depth.shape == (4, 98, 126) and np.isfinite(pred.depth).all()
     with pytest.raises(ValueError, match="checkpoint is empty"):
         ModelBackbone.from_config(BackboneConfig(backbone="vggt-tiny"))
     with pytest.raises(ValueError, match="only supported on CUDA"):
