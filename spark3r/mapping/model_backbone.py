@@ -44,7 +44,10 @@ class NetworkGeometry:
         sx = (x1 - x0) / self.network_hw[1]
         sy = (y1 - y0) / self.network_hw[0]
         A = np.array([[sx, 0.0, x0 + 0.5 * sx - 0.5], [0.0, sy, y0 + 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
-        return A @ K_net
+        # A degenerate prediction (fov 0 -> infinite focal length) stays non-finite here and is
+        # dropped and counted by the mapper; no need for a warning per window.
+        with np.errstate(invalid="ignore", over="ignore"):
+            return A @ K_net
 
 
 def network_geometry(image_hw: tuple[int, int], image_width: int) -> NetworkGeometry:
