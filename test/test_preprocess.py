@@ -102,3 +102,34 @@ def test_bad_inputs(call, error, match):
 def test_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         load_images(tmp_path)
+
+
+def test_folder_to_poses_and_point_cloud(tmp_path):
+    """The README route: folder of JPEGs -> poses (c2w) and a coloured point cloud."""
+    from golden_utils import seeded_state_dict
+    from spark3r.models import build_model, load_weights
+    from spark3r.models.camera import extrinsics_to_c2w, pose_encoding_to_extrinsics_intrinsics, unproject_depth
+
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i:03d}.jpg")
+    model = build_model("vggt-tiny", device="meta")
+    model = load_weights(model, seeded_state_dict(model))
+
+    images = load_images(tmp_path, target_size=56)
+    with torch.inference_mode():
+        pred = model(images, heads=("camera", "depth"))
+    extrinsics, intrinsics = pose_encoding_to_extrinsics_intrinsics(pred["pose_enc"], images.shape[-2:])
+    poses = extrinsics_to_c2w(extrinsics)[0]
+    points = unproject_depth(pred["depth"], extrinsics, intrinsics)[0]
+    conf = pred["depth_conf"][0]
+    keep = conf >= conf.median()
+    cloud, colors = points[keep], images.permute(0, 2, 3, 1)[keep]
+
+    assert images.shape == (3, 3, 42, 56)
+    assert poses.shape == (3, 4, 4) and points.shape == (3, 42, 56, 3)
+    assert cloud.shape[1] == 3 and colors.shape == cloud.shape and len(cloud) >= conf.numel() // 2
+    # The camera-frame z of every unprojected point is the predicted depth.
+    cam = (extrinsics[0, :, None, None, :, :3] @ points[..., None])[..., 0] + extrinsics[0, :, None, None, :, 3]
+    finite = torch.isfinite(cam).all(-1)
+    torch.testing.assert_close(cam[..., 2][finite], pred["depth"][0, ..., 0][finite], rtol=1e-4, atol=1e-4)

@@ -252,7 +252,7 @@ def load_weights(
                 current.copy_(tensor)
             del tensor
     leftovers = [k for k, (_, _, t) in _named_tensors(model).items() if t.is_meta]
-    if leftovers and strict:
+    if leftovers and strict and not (target_device is not None and target_device.type == "meta"):
         raise CheckpointReadError(f"{len(leftovers)} tensors are still on the meta device after loading: {leftovers[:5]}")
     # Tensors that are not in the state dict (e.g. non-persistent buffers) follow the weights.
     if target_device is not None or dtype is not None:
