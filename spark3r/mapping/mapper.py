@@ -237,6 +237,7 @@ class Mapper:
         with self._read_lock:
             self._trajectory.clear()
             self._stats.map_points = 0
+            self._stats.last_scale = float("nan")  # scale drift is measured within one map
         reset_backbone = getattr(self.backbone, "reset", None)
         if callable(reset_backbone):
             reset_backbone()
@@ -389,6 +390,7 @@ class Mapper:
                 self.voxel_map.clear()
                 with self._read_lock:
                     self._trajectory.clear()
+                    self._stats.last_scale = float("nan")
             rigid = base_to_camera @ invert_rigid(c2w[0], tol=1e-3)
             to_map = Sim3(1.0, rigid[:3, :3], rigid[:3, 3])
             residual, inlier_fraction = 0.0, 1.0
