@@ -1,7 +1,17 @@
 """ROS-free streaming keyframe mapper: gate -> sliding window -> backbone -> Sim(3) stitching -> map.
 
-The ROS node wires messages to :class:`Mapper` (``offer`` from the image callback,
-``process_pending`` from a worker thread) and publishes what :class:`WindowResult` returns.
+Typical wiring (what the ROS node and the offline runner do)::
+
+    mapper = Mapper(MapperConfig.from_flat(params), backbone, base_to_camera=T_base_cam_or_None)
+    decision = mapper.offer(Frame(rgb_uint8, stamp_ns, K_or_None))   # cheap, any thread
+    while (result := mapper.process_pending()) is not None or mapper.backlog:   # worker thread
+        if result is not None:
+            publish(result)            # result.keyframes[i].base_to_map / camera_to_map, result.points_*
+    mapper.flush(); mapper.save(directory)   # end of stream
+
+Backbones: :class:`~spark3r.mapping.model_backbone.ModelBackbone` (real models; imports torch,
+so it is not re-exported here) and :class:`~spark3r.mapping.testing.GroundTruthBackbone` (test
+double). Conventions of their output: :mod:`spark3r.mapping.backbone`.
 """
 from .alignment import AlignmentResult, Sim3, robust_sim3, umeyama
 from .backbone import Backbone, Prediction
