@@ -75,6 +75,17 @@ def test_load_pretrained_with_dtype(weights, tmp_path):
     assert out["pose_enc"].dtype == torch.bfloat16 and torch.isfinite(out["pose_enc"]).all()
 
 
+def test_mixed_precision_heads(weights):
+    model = load_weights(build_model("vggt-tiny", device="meta"), weights, dtype=torch.bfloat16, head_dtype=torch.float32)
+    assert model.aggregator.camera_token.dtype == torch.bfloat16
+    assert model.depth_head.norm.weight.dtype == torch.float32 and model.camera_head.embed_pose.weight.dtype == torch.float32
+    # Head weights are exact (not rounded through bf16).
+    assert torch.equal(model.depth_head.norm.weight, weights["depth_head.norm.weight"])
+    with torch.inference_mode():
+        out = model(torch.rand(2, 3, 28, 28))
+    assert out["depth"].dtype == torch.float32 and out["pose_enc"].dtype == torch.float32
+
+
 def test_meta_model_takes_the_checkpoint_tensors_without_copying(weights):
     model = load_weights(build_model("vggt-tiny", device="meta"), weights)
     key = "aggregator.patch_embed.blocks.0.attn.qkv.weight"
@@ -215,3 +226,10 @@ def test_hub_id_uses_the_downloaded_file(weights, tmp_path, monkeypatch):
 def test_preset_without_checkpoint_needs_a_source():
     with pytest.raises(ValueError, match="no published checkpoint"):
         load_pretrained("vggt-tiny")
+
+
+def test_non_strict_partial_load_with_dtype_converts_everything(weights):
+    partial = {k: v for k, v in weights.items() if k.startswith("aggregator.")}
+    model = load_weights(build_model("vggt-tiny"), partial, strict=False, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.aggregator.camera_token, weights["aggregator.camera_token"].to(torch.bfloat16))

@@ -202,6 +202,7 @@ def load_weights(
     strict: bool = True,
     device=None,
     dtype: Optional[torch.dtype] = None,
+    head_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Load ``source`` into ``model`` and return it (in eval mode).
 
@@ -214,11 +215,15 @@ def load_weights(
             still raise.
         device / dtype: where and in which floating dtype the weights end up (default: the
             model's current device and dtype; meta models default to CPU).
+        head_dtype: optional dtype for the prediction heads (state-dict prefixes ending in
+            ``_head.``), e.g. ``dtype=torch.bfloat16, head_dtype=torch.float32`` mirrors the
+            official mixed-precision inference (backbone under bf16 autocast, heads in fp32).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    for label, value in (("dtype", dtype), ("head_dtype", head_dtype)):
+        if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+            raise TypeError(f"{label} must be a floating torch.dtype, got {value!r}")
     table = _open_source(source)
     targets = _named_tensors(model)
     model_shapes = {k: tuple(t.shape) for k, (_, _, t) in targets.items()}
@@ -233,31 +238,38 @@ def load_weights(
     target_device = torch.device(device) if device is not None else None
     with torch.no_grad():
         for name, (module, attr, current) in targets.items():
-            if name not in table:
-                continue
-            tensor = table[name][1]()
-            want_dtype = dtype if dtype is not None else (current.dtype if current.is_floating_point() else tensor.dtype)
+            # Entries absent from a non-strict source keep their values but follow device/dtype.
+            loaded = table[name][1]() if name in table else current
+            wanted = head_dtype if head_dtype is not None and _is_head_entry(name) else dtype
+            if not loaded.is_floating_point():
+                want_dtype = loaded.dtype
+            elif wanted is not None:
+                want_dtype = wanted
+            else:
+                want_dtype = current.dtype if current.is_floating_point() else loaded.dtype
             want_device = target_device or (torch.device("cpu") if current.is_meta else current.device)
-            if tensor.is_floating_point():
-                tensor = tensor.to(device=want_device, dtype=want_dtype)
+            new = loaded.to(device=want_device, dtype=want_dtype)
+            if new is current:
+                continue
+            if name in table and not current.is_meta and current.device == new.device and current.dtype == new.dtype:
+                current.copy_(new)  # keep the model's own storage
+            elif isinstance(current, nn.Parameter):
+                # Take the (converted) checkpoint tensor itself: no second copy; meta models work.
+                setattr(module, attr, nn.Parameter(new, requires_grad=current.requires_grad))
             else:
-                tensor = tensor.to(device=want_device)
-            if current.is_meta or current.device != want_device or current.dtype != tensor.dtype:
-                # Take the checkpoint tensor itself: no second copy, works for meta models.
-                if isinstance(current, nn.Parameter):
-                    setattr(module, attr, nn.Parameter(tensor, requires_grad=current.requires_grad))
-                else:
-                    setattr(module, attr, tensor)
-            else:
-                current.copy_(tensor)
-            del tensor
+                setattr(module, attr, new)
+            del loaded, new
     leftovers = [k for k, (_, _, t) in _named_tensors(model).items() if t.is_meta]
     if leftovers and strict and not (target_device is not None and target_device.type == "meta"):
         raise CheckpointReadError(f"{len(leftovers)} tensors are still on the meta device after loading: {leftovers[:5]}")
     # Tensors that are not in the state dict (e.g. non-persistent buffers) follow the weights.
-    if target_device is not None or dtype is not None:
-        model.to(device=target_device, dtype=dtype) if dtype is not None else model.to(device=target_device)
+    if target_device is not None:
+        model.to(device=target_device)
     return model.eval()
+
+
+def _is_head_entry(name: str) -> bool:
+    return name.split(".", 1)[0].endswith("_head")
 
 
 def _check_hf_config(directory: Path, model: nn.Module) -> None:
@@ -282,11 +294,13 @@ def load_pretrained(
     *,
     device="cpu",
     dtype: torch.dtype = torch.float32,
+    head_dtype: Optional[torch.dtype] = None,
     **overrides,
 ) -> nn.Module:
     """Build ``preset`` on the meta device and load ``source`` (default: the preset's hub repo).
 
-    Peak memory is one copy of the weights in ``dtype``. ``overrides`` go to :func:`build_model`
+    Peak memory is one copy of the weights in ``dtype``. On CUDA use ``dtype=torch.bfloat16``
+    (or float16), optionally with ``head_dtype=torch.float32`` like the official inference. ``overrides`` go to :func:`build_model`
     (e.g. ``enable_point=False``; that head's checkpoint entries are then skipped).
     """
     if source is None:
@@ -296,4 +310,4 @@ def load_pretrained(
     model = build_model(preset, device="meta", **overrides)
     if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
         _check_hf_config(Path(source).expanduser(), model)
-    return load_weights(model, source, strict=True, device=device, dtype=dtype)
+    return load_weights(model, source, strict=True, device=device, dtype=dtype, head_dtype=head_dtype)
