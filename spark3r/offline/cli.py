@@ -1,0 +1,123 @@
+"""``spark3r map`` (parser + handler); ``spark3r/cli.py`` registers it with one line."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _parse_value(text: str):
+    """``--param name=value``: Python/JSON literals (numbers, true/false, lists), else a string."""
+    lowered = {"true": True, "false": False}.get(text.strip().lower())
+    if lowered is not None:
+        return lowered
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_params(pairs) -> dict:
+    values = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--param expects name=value (a mapper parameter), got {pair!r}")
+        values[name.strip()] = _parse_value(value)
+    return values
+
+
+def add_map_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "map", help="map a bag, TUM RGB-D folder, image folder or video offline with the node's mapper",
+        description="Run the streaming mapper of the ROS node over a recording and write trajectory (TUM), "
+                    "map (PLY), per-keyframe depth/confidence (16-bit PNG), an mcap bag and report.json.")
+    p.add_argument("input", type=Path, help="rosbag2 directory / .mcap / .db3, TUM RGB-D folder, image folder or video")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory when done")
+    p.add_argument("--kind", choices=("bag", "tum", "images", "video"), help="input kind (default: detect)")
+    p.add_argument("--topic", help="bag image topic (Image or CompressedImage; default: the only one)")
+    p.add_argument("--camera-info-topic", help="bag CameraInfo topic (default: the only one, if any)")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate for stamps of image folders / videos without stamps")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--model", default="vggt-1b", help="model preset (e.g. vggt-1b, vggt-tiny)")
+    p.add_argument("--checkpoint", default="", help="weights file / directory / hub id, or 'seeded' (test weights)")
+    p.add_argument("--reduction", default="dense", help="global-attention token reduction (dense, uniform, spark3r, ...)")
+    p.add_argument("--reduction-params", default="{}", help="JSON keyword parameters of the reduction method")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--image-width", type=int, default=518, help="network input width (multiple of 14)")
+    p.add_argument("--ground-truth", type=Path, metavar="TUM_DIR",
+                   help="TEST DOUBLE instead of a model: answer windows with this TUM folder's ground truth")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="mapper parameter (same names as the ROS node), repeatable, e.g. --param window_size=8")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.set_defaults(handler=run_map_command)
+    return p
+
+
+def build_backbone(args) -> tuple[object, dict]:
+    """The backbone chosen on the command line and a description for the report."""
+    if args.ground_truth is not None:
+        from spark3r.mapping.testing import GroundTruthBackbone
+        from spark3r.offline.benchmark import load_tum_ground_truth
+
+        return GroundTruthBackbone(load_tum_ground_truth(args.ground_truth)), {
+            "type": "GroundTruthBackbone (test double)", "ground_truth": str(args.ground_truth)}
+    from spark3r.mapping import BackboneConfig
+    from spark3r.mapping.model_backbone import ModelBackbone
+
+    try:
+        reduction_params = json.loads(args.reduction_params)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--reduction-params must be a JSON object, got {args.reduction_params!r}: {exc}") from None
+    cfg = BackboneConfig(model=args.model, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+                         reduction=args.reduction, reduction_params=reduction_params, image_width=args.image_width)
+    return cfg, {"type": "ModelBackbone", "model": cfg.model, "checkpoint": cfg.checkpoint, "reduction": cfg.reduction,
+                 "reduction_params": cfg.reduction_params, "image_width": cfg.image_width, "device": cfg.device,
+                 "dtype": cfg.dtype}
+
+
+def run_map_command(args) -> int:
+    from spark3r.mapping import MapperConfig
+    from spark3r.offline.inputs import open_input
+    from spark3r.offline.runner import run_map
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = MapperConfig.from_flat(parse_params(args.param))
+        source = open_input(args.input, kind=args.kind, topic=args.topic, fps=args.fps,
+                            camera_info_topic=args.camera_info_topic)
+        backbone, info = build_backbone(args)
+        if not hasattr(backbone, "predict"):  # a BackboneConfig: build the model only once inputs are fine
+            from spark3r.mapping.model_backbone import ModelBackbone
+
+            backbone = ModelBackbone.from_config(backbone, config.window.window_size, config.window.window_stride)
+        report = run_map(source, args.out, config, backbone, backbone_info=info, overwrite=args.overwrite,
+                         progress=None if args.no_progress else sys.stderr, max_frames=args.max_frames)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        print(f"spark3r map: error: {exc}", file=sys.stderr)
+        return 2
+    state = "interrupted (partial outputs)" if report["interrupted"] else "complete"
+    print(f"spark3r map: {state}: {report['frames']} frames, {report['keyframes_mapped']} keyframes mapped, "
+          f"{report['map_points']} map points -> {args.out}")
+    return 130 if report["interrupted"] else 0
+
+
+def main(argv=None) -> int:
+    """``python -m spark3r.offline.cli map ...`` works without the top-level CLI."""
+    parser = argparse.ArgumentParser(prog="spark3r")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_map_command(sub)
+    from spark3r.eval.cli import add_eval_command
+
+    add_eval_command(sub)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""``spark3r map``: run the node's streaming mapper over a recorded input and write its outputs.
+
+Output directory (appears atomically; ``report.json`` says whether the run was complete):
+
+* ``trajectory.tum``   keyframe camera (optical frame) poses in the map frame, source stamps
+* ``map.ply``          the voxel map (map frame, coloured)
+* ``keyframes/<stamp>_depth.png`` 16-bit depth (map units = value * ``depth_scale``, 0 = none),
+  ``keyframes/<stamp>_conf.png`` 16-bit confidence (value * ``conf_scale``); ``keyframes.json``
+  lists them with scales, intrinsics and the depth grid's image box
+* ``mapping.bag/``     rosbag2 mcap with /tf, /tf_static, odometry, path, clouds (see map_bag.py)
+* ``report.json``      input, timings, drops, scales, alignment residuals, ``"complete"`` and
+  ``"interrupted"`` flags
+
+Everything is written into a hidden staging directory beside the output and renamed into place
+at the end. Ctrl-C stops reading input, finishes the outputs for what was mapped so far and marks
+the report ``"interrupted": true, "complete": false``; an error removes the staging directory,
+so no output that looks complete is ever left behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, TextIO
+
+import numpy as np
+
+from spark3r.data.io import _temp_sibling, atomic_write, format_stamp_ns
+from spark3r.mapping import Frame, Mapper, MapperConfig, WindowResult
+from spark3r.offline.inputs import OfflineInput
+from spark3r.offline.map_bag import MapBagWriter
+
+log = logging.getLogger(__name__)
+
+PNG_MAX = 65535
+
+
+class RecordingBackbone:
+    """Wraps a backbone and keeps its last prediction, so per-keyframe depth and confidence can
+    be saved for the keyframes each window maps (the mapper keeps them private)."""
+
+    def __init__(self, backbone):
+        self.inner = backbone
+        self.last_window_ids: tuple[int, ...] = ()
+        self.last_prediction = None
+
+    def predict(self, window):
+        self.last_prediction = None
+        prediction = self.inner.predict(window)
+        self.last_window_ids = tuple(kf.id for kf in window)
+        self.last_prediction = prediction
+        return prediction
+
+    def forget(self, keyframe_ids) -> None:
+        forget = getattr(self.inner, "forget", None)
+        if callable(forget):
+            forget(keyframe_ids)
+
+    def reset(self) -> None:
+        reset = getattr(self.inner, "reset", None)
+        if callable(reset):
+            reset()
+
+
+class Progress:
+    """One status line on a terminal (frames, keyframes, windows, last latency)."""
+
+    def __init__(self, stream: Optional[TextIO], total: Optional[int]):
+        self.stream, self.total, self._last = stream, total, 0.0
+
+    def update(self, frames: int, mapper: Mapper, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.stream is None or (not force and now - self._last < 0.2):
+            return
+        self._last = now
+        st = mapper.stats
+        total = f"/{self.total}" if self.total else ""
+        bar = ""
+        if self.total:
+            filled = int(24 * min(frames, self.total) / self.total)
+            bar = "[" + "#" * filled + "." * (24 - filled) + "] "
+        self.stream.write(f"\r{bar}frames {frames}{total} | keyframes {st.keyframes} | windows {st.windows_mapped}/{st.windows}"
+                          f" | latency {st.last_latency_s:.2f} s | map {st.map_points} pts   ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _png16(path: Path, values: np.ndarray) -> float:
+    """Write non-negative ``values`` as a 16-bit PNG with a scale so the maximum uses the full
+    range; non-finite and non-positive values become 0. Returns the scale (units per count)."""
+    import cv2
+
+    finite = np.isfinite(values) & (values > 0)
+    peak = float(values[finite].max()) if np.any(finite) else 0.0
+    scale = peak / PNG_MAX if peak > 0 else 1.0
+    counts = np.where(finite, np.round(np.where(finite, values, 0) / scale), 0).astype(np.uint16)
+    ok, buf = cv2.imencode(".png", counts)
+    if not ok:
+        raise ValueError(f"PNG encoding failed for {path}")
+    with atomic_write(path) as fh:
+        fh.write(buf.tobytes())
+    return scale
+
+
+@dataclass
+class _Run:
+    staging: Path
+    bag: MapBagWriter
+    recorder: RecordingBackbone
+    keyframes: list = field(default_factory=list)
+    windows: list = field(default_factory=list)
+
+    def save_window(self, result: WindowResult) -> None:
+        pred = self.recorder.last_prediction
+        ids = self.recorder.last_window_ids
+        for kf in result.keyframes:
+            self.bag.write_keyframe(kf.stamp_ns, kf.base_to_map)
+            entry = {"id": kf.id, "stamp": format_stamp_ns(kf.stamp_ns), "stamp_ns": kf.stamp_ns,
+                     "window": result.window_index, "K": np.asarray(kf.K).tolist()}
+            if pred is not None and kf.id in ids:
+                i = ids.index(kf.id)
+                name = format_stamp_ns(kf.stamp_ns)
+                depth = np.asarray(pred.depth[i], dtype=np.float64) * result.scale
+                entry.update(depth_png=f"keyframes/{name}_depth.png",
+                             depth_scale=_png16(self.staging / "keyframes" / f"{name}_depth.png", depth),
+                             conf_png=f"keyframes/{name}_conf.png",
+                             conf_scale=_png16(self.staging / "keyframes" / f"{name}_conf.png", np.asarray(pred.conf[i], np.float64)),
+                             depth_box=[float(b) for b in pred.depth_box])
+            self.keyframes.append(entry)
+        if result.keyframes:
+            self.bag.write_path(result.latest_stamp_ns)
+            self.bag.write_window_cloud(result.latest_stamp_ns, result.points_xyz, result.points_rgb)
+        self.windows.append({"window": result.window_index, "keyframes": len(result.keyframes),
+                             "latency_s": result.latency_s, "scale": result.scale, "residual": result.residual,
+                             "inlier_fraction": result.inlier_fraction, "shared_keyframes": result.shared_keyframes,
+                             "starts_map": result.starts_map, "points": int(len(result.points_xyz))})
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def _graceful_interrupt() -> Iterator[_StopFlag]:
+    """The first Ctrl-C asks the loop to stop after the current frame (so no message or file is
+    cut in half); a second one raises KeyboardInterrupt as usual."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        log.warning("Ctrl-C: finishing the current frame, then writing partial outputs (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0}
+    a = np.asarray(values, dtype=np.float64)
+    return {"count": int(a.size), "mean": float(a.mean()), "median": float(np.median(a)), "max": float(a.max()),
+            "min": float(a.min())}
+
+
+def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, backbone_info: Optional[dict] = None,
+            overwrite: bool = False, progress: Optional[TextIO] = None, max_frames: Optional[int] = None) -> dict:
+    """Map every frame of ``source`` with ``Mapper(config, backbone)`` and write the outputs to
+    ``out_dir`` (see the module docstring). Returns the report. Ctrl-C (KeyboardInterrupt) ends
+    the run early with valid partial outputs; other errors leave nothing at ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; choose another --out or pass --overwrite")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot create {out}: directory {out.parent} does not exist")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    staging = _temp_sibling(out)
+    staging.mkdir()
+    try:
+        with _graceful_interrupt() as stop:
+            report = _map_into(source, staging, config, backbone, backbone_info, progress, max_frames, stop)
+        if out.exists():
+            old = _temp_sibling(out)
+            os.replace(out, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbone, backbone_info, progress_stream,
+              max_frames, stop: _StopFlag) -> dict:
+    recorder = RecordingBackbone(backbone)
+    mapper = Mapper(config, recorder, base_to_camera=source.base_to_camera)
+    (staging / "keyframes").mkdir()
+    bag = MapBagWriter(staging / "mapping.bag", base_frame=source.base_frame, camera_frame=source.camera_frame)
+    run = _Run(staging, bag, recorder)
+    progress = Progress(progress_stream, source.expected_frames if max_frames is None else max_frames)
+    interrupted = False
+    t_start = time.monotonic()
+    first_stamp = last_stamp = None
+    frames = 0
+    try:
+        try:
+            for frame in source.frames():
+                if first_stamp is None:
+                    bag.write_static(frame.stamp_ns, mapper.base_to_camera)
+                    first_stamp = frame.stamp_ns
+                last_stamp = frame.stamp_ns
+                mapper.offer(Frame(frame.image, frame.stamp_ns, source.K))
+                frames += 1
+                while (result := mapper.process_pending()) is not None or mapper.backlog:
+                    if result is not None:
+                        run.save_window(result)
+                progress.update(frames, mapper)
+                if max_frames is not None and frames >= max_frames:
+                    break
+                if stop.requested:
+                    raise KeyboardInterrupt
+            if frames == 0:
+                raise ValueError(f"{source.path}: no decodable frames (read {source.corrupt_frames} corrupt ones); "
+                                 "nothing to map")
+            for result in mapper.flush():
+                run.save_window(result)
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted: writing the outputs of the %d keyframes mapped so far", len(mapper.trajectory))
+        progress.update(frames, mapper, force=True)
+        progress.close()
+        xyz, rgb = mapper.voxel_map.points()
+        if first_stamp is not None:
+            bag.write_map(last_stamp, xyz, rgb)
+        bag.close()
+    except BaseException:
+        bag.abort()
+        raise
+    mapper.save(staging)
+    with atomic_write(staging / "keyframes.json", "w") as fh:
+        json.dump({"frame": "map", "depth_units": "map units (= metres only for a metric backbone)",
+                   "keyframes": run.keyframes}, fh, indent=1)
+    stats = mapper.stats
+    wall = time.monotonic() - t_start
+    report = {
+        "complete": not interrupted,
+        "interrupted": interrupted,
+        "input": source.summary(),
+        "backbone": backbone_info or {"type": type(backbone).__name__},
+        "mapper_config": _config_dict(config),
+        "frames": frames,
+        "keyframes_mapped": len(mapper.trajectory),
+        "map_points": int(len(xyz)),
+        "timings": {"wall_s": wall, "frames_per_s": frames / wall if wall > 0 else None,
+                    "window_latency_s": _summary([w["latency_s"] for w in run.windows])},
+        "drops": {"corrupt_frames": source.corrupt_frames,
+                  "keyframes_dropped_backlog": stats.keyframes_dropped_backlog,
+                  "keyframes_dropped_unmapped": stats.keyframes_dropped_unmapped,
+                  "windows_rejected_alignment": stats.windows_rejected_alignment,
+                  "windows_dropped_nonfinite": stats.windows_dropped_nonfinite,
+                  "windows_dropped_invalid": stats.windows_dropped_invalid,
+                  "backbone_errors": stats.backbone_errors, "resets": stats.resets},
+        "scale": {"per_window": [w["scale"] for w in run.windows], "max_drift": stats.max_scale_drift},
+        "alignment_residuals": _summary([w["residual"] for w in run.windows if not w["starts_map"]]),
+        "windows": run.windows,
+        "mapper_stats": stats.as_dict(),
+        "stamps": {"first": format_stamp_ns(first_stamp) if first_stamp is not None else None,
+                   "last": format_stamp_ns(last_stamp) if last_stamp is not None else None},
+        "outputs": {"trajectory": "trajectory.tum", "map": "map.ply", "keyframes": "keyframes.json",
+                    "bag": "mapping.bag", "report": "report.json"},
+    }
+    with atomic_write(staging / "report.json", "w") as fh:
+        json.dump(report, fh, indent=1, default=_json_default)
+    return report
+
+
+def _config_dict(config: MapperConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
