@@ -30,7 +30,7 @@ class UniformConfig:
 
     ratio: float = 0.9
     cell: tuple[int, int] = (2, 2)
-    seed: int = 33
+    destination_seed: int = 33
 
     def __post_init__(self) -> None:
         cell = tuple(int(x) for x in self.cell)
@@ -89,7 +89,7 @@ def uniform_attention(q, k, v, layout: TokenLayout, config: UniformConfig, scale
     if config.ratio == 0:
         return exact_attention(q, k, v, scale)
     b, h, n, d = q.shape
-    dst, src = partition(layout, config.cell, config.seed, q.device)
+    dst, src = partition(layout, config.cell, config.destination_seed, q.device)
     if src.numel() == 0:
         return exact_attention(q, k, v, scale)
     outs = []
@@ -115,7 +115,7 @@ def uniform_sizes(layout: TokenLayout, config: UniformConfig) -> int:
     """Tokens the reduced attention runs on (queries = keys)."""
     if config.ratio == 0:
         return layout.num_tokens
-    dst, src = partition(layout, config.cell, config.seed, "cpu")
+    dst, src = partition(layout, config.cell, config.destination_seed, "cpu")
     return dst.numel() + src.numel() - int(round(config.ratio * src.numel()))
 
 
@@ -123,7 +123,7 @@ def uniform_overhead_flops(layout: TokenLayout, config: UniformConfig, heads: in
     """Matching matmul (2 * sources * destinations * feature) + normalisation + merge adds."""
     if config.ratio == 0:
         return 0
-    dst, src = partition(layout, config.cell, config.seed, "cpu")
+    dst, src = partition(layout, config.cell, config.destination_seed, "cpu")
     c = heads * head_dim
     n = layout.num_tokens
     return batch * (2 * src.numel() * dst.numel() * c + 3 * n * c + 3 * src.numel() * c)
