@@ -120,9 +120,10 @@ class Child:
 
 
 class Recorder:
-    """Subscribes to everything the node publishes and keeps counts, frames and the last messages."""
+    """Subscribes to everything the node publishes (node name ``node_name``) and keeps every
+    message, counts, frames, TF edges and the latest diagnostics of the node."""
 
-    def __init__(self, node):
+    def __init__(self, node, node_name: str = NODE):
         from diagnostic_msgs.msg import DiagnosticArray
         from nav_msgs.msg import Odometry, Path as PathMsg
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -135,22 +136,27 @@ class Recorder:
         self.tf_edges: dict[str, int] = {}
         self.frames: dict[str, set] = {k: set() for k in self.counts}
         self.last: dict[str, object] = {}
+        self.messages: dict[str, list] = {k: [] for k in self.counts}
         self.diagnostics: dict[str, str] = {}
+        self.diagnostics_history: list[tuple[int, str, dict]] = []  # (level, message, values)
         self.diag_level = None
+        self.node_name = node_name
         self.subs = {
             "tf": node.create_subscription(TFMessage, "/tf", self._on("tf"), 100),
-            "odometry": node.create_subscription(Odometry, f"/{NODE}/odometry", self._on("odometry"), 50),
-            "path": node.create_subscription(PathMsg, f"/{NODE}/path", self._on("path"), latched),
-            "cloud": node.create_subscription(PointCloud2, f"/{NODE}/cloud", self._on("cloud"), 10),
-            "map": node.create_subscription(PointCloud2, f"/{NODE}/map", self._on("map"), latched),
+            "odometry": node.create_subscription(Odometry, f"/{node_name}/odometry", self._on("odometry"), 50),
+            "path": node.create_subscription(PathMsg, f"/{node_name}/path", self._on("path"), latched),
+            "cloud": node.create_subscription(PointCloud2, f"/{node_name}/cloud", self._on("cloud"), 10),
+            "map": node.create_subscription(PointCloud2, f"/{node_name}/map", self._on("map"), latched),
         }
         self.diag_sub = node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
-        self.save_client = node.create_client(Trigger, f"/{NODE}/save_map")
+        self.save_client = node.create_client(Trigger, f"/{node_name}/save_map")
+        self.reset_client = node.create_client(Trigger, f"/{node_name}/reset")
 
     def _on(self, key):
         def callback(msg):
             self.counts[key] += 1
             self.last[key] = msg
+            self.messages[key].append(msg)
             if key == "tf":
                 for t in msg.transforms:
                     edge = f"{t.header.frame_id}->{t.child_frame_id}"
@@ -161,9 +167,10 @@ class Recorder:
 
     def _on_diag(self, msg) -> None:
         for status in msg.status:
-            if status.name.startswith(NODE):
+            if status.name.startswith(self.node_name + ":"):
                 self.diagnostics = {kv.key: kv.value for kv in status.values}
                 self.diag_level = int.from_bytes(status.level, "little") if isinstance(status.level, bytes) else int(status.level)
+                self.diagnostics_history.append((self.diag_level, status.message, self.diagnostics))
 
 
 def spin_until(executor, predicate, timeout: float, children=()) -> bool:

@@ -566,7 +566,11 @@ class MappingNode(Node):
             self._last_base_pose = None
             stamp = ns_to_time(self._latest_stamp_ns)
             self._path_pub.publish(PathMsg(header=_header(stamp, self.map_frame), poses=[]))
-            self._publish_map()
+            # Empty by construction: after a time jump the mapper clears its map only when its
+            # worker next runs.
+            self._map_pub.publish(cloud_to_msg(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8),
+                                               self._latest_stamp_ns, self.map_frame))
+            self._map_dirty = False
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -583,6 +587,7 @@ class MappingNode(Node):
             stats = self.mapper.stats.as_dict()
             decisions = stats.pop("decisions")
             values.update(stats)
+            values["trajectory_keyframes"] = len(self.mapper.trajectory)  # mapped keyframes of the current map
             values.update({f"decisions.{k}": v for k, v in sorted(decisions.items())})
         values["backbone"] = self.backbone_name
         values["backbone_error"] = self.backbone_error
