@@ -1,4 +1,4 @@
-"""``spark3r eval`` (parser + handler); ``spark3r/cli.py`` registers it with one line."""
+"""``spark3r eval``: ``add_arguments(parser)`` + ``run(args)``, registered in ``spark3r/cli.py``."""
 from __future__ import annotations
 
 import argparse
@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 
 
-def add_eval_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval", help="ATE/RPE, depth and cloud metrics of a spark3r map output against ground truth",
-        description="Evaluate a `spark3r map` output folder (or a TUM trajectory file) against ground truth "
-                    "(TUM RGB-D folder with groundtruth.txt [+ depth], or a TUM trajectory file).")
+HELP = "ATE/RPE, depth and cloud metrics of a spark3r map output against ground truth (JSON + PNG plots)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("estimate", type=Path, help="spark3r map output folder or TUM trajectory file")
     p.add_argument("--gt", type=Path, required=True, help="TUM RGB-D folder (groundtruth.txt, depth/) or TUM trajectory")
     p.add_argument("--out", type=Path, help="write eval.json and PNG plots here")
@@ -24,11 +23,9 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
                    "<gt>/../reference.ply if present)")
     p.add_argument("--cloud-threshold", type=float, default=0.05, help="distance for precision/recall, cloud units")
     p.add_argument("--no-plots", action="store_true")
-    p.set_defaults(handler=run_eval_command)
-    return p
 
 
-def run_eval_command(args) -> int:
+def run(args) -> int:
     from spark3r.eval.runner import evaluate
 
     try:
@@ -54,3 +51,14 @@ def run_eval_command(args) -> int:
         lines.append("WARNING: the map run was interrupted or incomplete (report.json complete=false)")
     print("\n".join(lines))
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m spark3r.eval.cli`` = ``spark3r eval``."""
+    parser = argparse.ArgumentParser(prog="spark3r eval", description=HELP)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

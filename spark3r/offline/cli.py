@@ -1,4 +1,4 @@
-"""``spark3r map`` (parser + handler); ``spark3r/cli.py`` registers it with one line."""
+"""``spark3r map``: ``add_arguments(parser)`` + ``run(args)``, registered in ``spark3r/cli.py``."""
 from __future__ import annotations
 
 import argparse
@@ -30,11 +30,10 @@ def parse_params(pairs) -> dict:
     return values
 
 
-def add_map_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "map", help="map a bag, TUM RGB-D folder, image folder or video offline with the node's mapper",
-        description="Run the streaming mapper of the ROS node over a recording and write trajectory (TUM), "
-                    "map (PLY), per-keyframe depth/confidence (16-bit PNG), an mcap bag and report.json.")
+HELP = "map a bag, TUM RGB-D folder, image folder or video offline with the node's mapper"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="rosbag2 directory / .mcap / .db3, TUM RGB-D folder, image folder or video")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory when done")
@@ -43,7 +42,7 @@ def add_map_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--camera-info-topic", help="bag CameraInfo topic (default: the only one, if any)")
     p.add_argument("--fps", type=float, default=10.0, help="frame rate for stamps of image folders / videos without stamps")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
-    p.add_argument("--model", default="vggt-1b", help="model preset (e.g. vggt-1b, vggt-tiny)")
+    p.add_argument("--backbone", "--model", dest="backbone", default="vggt-1b", help="model preset (e.g. vggt-1b, vggt-tiny)")
     p.add_argument("--checkpoint", default="", help="weights file / directory / hub id, or 'seeded' (test weights)")
     p.add_argument("--reduction", default="dense", help="global-attention token reduction (dense, uniform, spark3r, ...)")
     p.add_argument("--reduction-params", default="{}", help="JSON keyword parameters of the reduction method")
@@ -55,8 +54,6 @@ def add_map_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="mapper parameter (same names as the ROS node), repeatable, e.g. --param window_size=8")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    p.set_defaults(handler=run_map_command)
-    return p
 
 
 def build_backbone(args) -> tuple[object, dict]:
@@ -74,14 +71,14 @@ def build_backbone(args) -> tuple[object, dict]:
         reduction_params = json.loads(args.reduction_params)
     except json.JSONDecodeError as exc:
         raise ValueError(f"--reduction-params must be a JSON object, got {args.reduction_params!r}: {exc}") from None
-    cfg = BackboneConfig(model=args.model, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+    cfg = BackboneConfig(backbone=args.backbone, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
                          reduction=args.reduction, reduction_params=reduction_params, image_width=args.image_width)
-    return cfg, {"type": "ModelBackbone", "model": cfg.model, "checkpoint": cfg.checkpoint, "reduction": cfg.reduction,
+    return cfg, {"type": "ModelBackbone", "backbone": cfg.backbone, "checkpoint": cfg.checkpoint, "reduction": cfg.reduction,
                  "reduction_params": cfg.reduction_params, "image_width": cfg.image_width, "device": cfg.device,
                  "dtype": cfg.dtype}
 
 
-def run_map_command(args) -> int:
+def run(args) -> int:
     from spark3r.mapping import MapperConfig
     from spark3r.offline.inputs import open_input
     from spark3r.offline.runner import run_map
@@ -108,15 +105,10 @@ def run_map_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m spark3r.offline.cli map ...`` works without the top-level CLI."""
-    parser = argparse.ArgumentParser(prog="spark3r")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_map_command(sub)
-    from spark3r.eval.cli import add_eval_command
-
-    add_eval_command(sub)
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    """``python -m spark3r.offline.cli`` = ``spark3r map``."""
+    parser = argparse.ArgumentParser(prog="spark3r map", description=HELP)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

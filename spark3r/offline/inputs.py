@@ -231,16 +231,23 @@ def _open_tum(path: Path, topic, fps: float, camera_info_topic) -> OfflineInput:
 _NUMBER = re.compile(r"^\d+(\.\d+)?$")
 
 
-def _folder_stamps(files: list[Path], fps: float) -> tuple[list[int], str]:
-    """Stamps from numeric file names (seconds, as TUM and many recorders name frames) when all
-    names are numbers that increase; otherwise frame index / fps."""
+def _stamp_from_name(stem: str) -> Optional[int]:
+    """Nanoseconds encoded in a file name: decimal seconds (``1305031102.175304``, TUM style) or an
+    integer of at least 18 digits (nanoseconds since the epoch). Short integers are frame counters."""
     from spark3r.data.io import parse_stamp_s
 
-    stems = [f.stem for f in files]
-    if all(_NUMBER.match(s) for s in stems):
-        stamps = [parse_stamp_s(s) for s in stems]
-        if all(b > a for a, b in zip(stamps, stamps[1:])):
-            return stamps, "file names (seconds)"
+    if not _NUMBER.match(stem):
+        return None
+    if "." in stem:
+        return parse_stamp_s(stem)
+    return int(stem) if len(stem.lstrip("0")) >= 18 else None
+
+
+def _folder_stamps(files: list[Path], fps: float) -> tuple[list[int], str]:
+    """Stamps from the file names when they all carry increasing stamps, else frame index / fps."""
+    stamps = [_stamp_from_name(f.stem) for f in files]
+    if all(s is not None for s in stamps) and all(b > a for a, b in zip(stamps, stamps[1:])):
+        return stamps, "file names"
     step = _NS_PER_S / fps
     return [int(round(i * step)) for i in range(len(files))], f"frame index at {fps:g} fps"
 
