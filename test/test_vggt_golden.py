@@ -211,3 +211,71 @@ def test_unknown_preset_and_override():
         build_model("vggt-tiny", device="meta", enable_normals=False)
     model = build_model("vggt-1b", device="meta")
     assert model.preset == "vggt-1b" and model.config.embed_dim == 1024 and model.config.depth == 24
+
+
+# -- shared layers (reused by π3 / DA3) --------------------------------------------------------
+
+
+def test_rope_is_relative_and_norm_preserving():
+    from spark3r.models.layers import RoPE2D
+
+    rope = RoPE2D(100.0)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 64, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 64, generator=g, dtype=torch.float64)
+
+    def score(pq, pk):
+        return float((rope(q, torch.tensor([pq])) * rope(k, torch.tensor([pk]))).sum())
+
+    # Angles are built in float32 like the official code, hence the tolerance.
+    assert score((3, 5), (1, 2)) == pytest.approx(score((12, 9), (10, 6)), abs=1e-5)
+    assert score((3, 5), (1, 2)) != pytest.approx(score((3, 5), (2, 1)), abs=1e-3)
+    rotated = rope(q, torch.tensor([[7, 4]]))
+    assert float(rotated.norm()) == pytest.approx(float(q.norm()), rel=1e-12)
+    # Position (0, 0) is the identity.
+    assert torch.allclose(rope(q, torch.tensor([[0, 0]])), q)
+
+
+def test_rope_period_equals_explicit_positions():
+    from spark3r.models.layers import RoPE2D, grid_positions
+
+    rope = RoPE2D(100.0)
+    pos = grid_positions(2, 3, num_special=5)
+    assert pos[:5].abs().sum() == 0 and pos[5].tolist() == [1, 1] and pos[-1].tolist() == [2, 3]
+    x = torch.randn(2, 4, 3 * len(pos), 32)
+    assert torch.equal(rope(x, pos), rope(x, pos.repeat(3, 1)))
+    with pytest.raises(ValueError, match="multiple"):
+        rope(x[:, :, :-1], pos)
+
+
+def test_pos_embed_interpolation_variants():
+    from spark3r.models.layers import interpolate_pos_embed
+
+    pe = torch.randn(1, 1 + 37 * 37, 8, generator=torch.Generator().manual_seed(1))
+    vggt = interpolate_pos_embed(pe, (5, 7), antialias=True, offset=0.0)
+    dino = interpolate_pos_embed(pe, (5, 7), antialias=False, offset=0.1)
+    assert vggt.shape == dino.shape == (1, 36, 8)
+    assert torch.equal(vggt[:, 0], pe[:, 0]) and torch.equal(dino[:, 0], pe[:, 0])
+    assert not torch.allclose(vggt, dino)
+    with pytest.raises(ValueError, match="square"):
+        interpolate_pos_embed(pe[:, :-1], (5, 7), antialias=True, offset=0.0)
+
+
+def test_swiglu_ffn_has_the_dinov2_giant_shapes():
+    from spark3r.models.layers import Block
+
+    block = Block(1536, 24, ffn="swiglu", init_values=1.0, norm_eps=1e-6)
+    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items() if k.startswith("mlp.")}
+    assert shapes == {"mlp.w12.weight": (8192, 1536), "mlp.w12.bias": (8192,), "mlp.w3.weight": (1536, 4096), "mlp.w3.bias": (1536,)}
+
+
+def test_dpt_relu_skip_flag():
+    from spark3r.models.layers.dpt import ResidualConvUnit
+
+    vggt_rcu = ResidualConvUnit(4, relu_skip=True)
+    plain_rcu = ResidualConvUnit(4, relu_skip=False)
+    plain_rcu.load_state_dict(vggt_rcu.state_dict())
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(vggt_rcu(x) - plain_rcu(x), torch.relu(x) - x)
+        assert torch.equal(vggt_rcu(x.abs()), plain_rcu(x.abs()))
