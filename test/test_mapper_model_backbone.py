@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from golden_utils import seeded_v1
 from spark3r.data.synthetic import render_sequence
 from spark3r.mapping import BackboneConfig, Frame, KeyframeConfig, MapConfig, Mapper, MapperConfig, WindowConfig
 from spark3r.mapping.frames import Keyframe
 from spark3r.mapping.model_backbone import ModelBackbone, NetworkGeometry, decode_vggt, network_geometry, preprocess
 from spark3r.models import build_model
 from spark3r.models.camera import extrinsics_intrinsics_to_pose_encoding
+from spark3r.seeded import load_seeded_v1, seeded_v1
 
 WIDTH = 126  # network input width: 9 patches, keeps the test fast
 
@@ -32,8 +32,7 @@ def seq():
 def seeded_tiny():
     """vggt-tiny with seeded-v1 weights; the FoV outputs are biased positive so that the decoded
     cameras are valid (random heads otherwise emit fov = 0, which the mapper rightly drops)."""
-    model = build_model("vggt-tiny", enable_point=False, enable_track=False)
-    model.load_state_dict({k: seeded_v1(k, v.shape) for k, v in model.state_dict().items()})
+    model = load_seeded_v1(build_model("vggt-tiny", enable_point=False, enable_track=False))
     with torch.no_grad():
         fc2 = model.camera_head.pose_branch.fc2
         fc2.weight[7:] *= 0.01
@@ -136,6 +135,8 @@ def test_from_config_builds_seeded_models_and_refuses_bad_settings(seq):
                                                   reduction="uniform", reduction_params={"ratio": 0.5}), 6, 3)
     assert bb.family == "vggt" and bb.cache.max_frames == 9
     assert bb.model.accel_handle.method == "uniform"
+    name = "camera_head.pose_branch.fc2.weight"
+    torch.testing.assert_close(bb.model.state_dict()[name], seeded_v1(name, (9, 384)), rtol=0, atol=0)
     pred = bb.predict(keyframes(seq, range(4)))  # reduced attention runs through the same path
     assert pred.shape_problem(4) is None and pred.depth.shape == (4, 98, 126) and np.isfinite(pred.depth).all()
     with pytest.raises(ValueError, match="checkpoint is empty"):

@@ -185,11 +185,13 @@ class ModelBackbone:
         """Build the model from a preset and weights, install the reduction method.
 
         ``config.checkpoint``: a file, directory or hub id for :func:`spark3r.models.load_pretrained`;
-        ``"seeded"`` gives deterministic random weights (tests and demos only); empty is refused
+        ``"seeded"`` gives the deterministic seeded-v1 weights (tests and demos only: their cameras
+        are usually degenerate, so the mapper drops most windows); empty is refused
         so a misconfigured node never maps with random weights silently.
         """
         from .. import accel
         from ..models import build_model, load_pretrained
+        from ..seeded import load_seeded_v1
 
         if not isinstance(config, BackboneConfig):
             raise TypeError(f"config must be a BackboneConfig, got {type(config).__name__}")
@@ -202,9 +204,7 @@ class ModelBackbone:
             raise ValueError("checkpoint is empty: give a weights file, directory or hub id "
                              "(or 'seeded' for deterministic test weights)")
         if config.checkpoint == "seeded":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = build_model(config.backbone, enable_point=False, enable_track=False)
+            model = load_seeded_v1(build_model(config.backbone, enable_point=False, enable_track=False))
             model = model.to(device=device, dtype=dtype)
         else:
             model = load_pretrained(config.backbone, config.checkpoint, device=device, dtype=dtype,
