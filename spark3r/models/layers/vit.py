@@ -81,6 +81,7 @@ class DinoViT(nn.Module):
         ffn: str = "mlp",
         init_values: Optional[float] = 1.0,
         norm_eps: float = 1e-6,
+        final_norm_eps: Optional[float] = None,
         interpolate_antialias: bool = True,
         interpolate_offset: float = 0.0,
         with_mask_token: bool = True,
@@ -118,7 +119,8 @@ class DinoViT(nn.Module):
             )
             for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        # DA3 pairs eps-1e-6 blocks with an eps-1e-5 final norm; VGGT/π3 use 1e-6 throughout.
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps if final_norm_eps is None else final_norm_eps)
 
     @property
     def num_prefix_tokens(self) -> int:
