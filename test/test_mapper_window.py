@@ -1,7 +1,6 @@
 """Sliding-window scheduling and configuration: which keyframes each backbone run sees."""
 from dataclasses import fields
 
-import numpy as np
 import pytest
 
 from spark3r.data.synthetic import render_sequence

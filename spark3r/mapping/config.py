@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 
 def param(default: Any, doc: str) -> Any:
