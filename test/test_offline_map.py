@@ -119,12 +119,12 @@ def test_mcap_output_is_readable_by_rosbags_mcap_and_rclpy(gt_run, bench):
     n = report["keyframes_mapped"]
     assert {t: c.msgtype for t, c in conns.items()} == {
         "/tf": "tf2_msgs/msg/TFMessage", "/tf_static": "tf2_msgs/msg/TFMessage",
-        "/spark3r/odometry": "nav_msgs/msg/Odometry", "/spark3r/path": "nav_msgs/msg/Path",
-        "/spark3r/cloud": "sensor_msgs/msg/PointCloud2", "/spark3r/map": "sensor_msgs/msg/PointCloud2"}
+        "/spark3r_mapping/odometry": "nav_msgs/msg/Odometry", "/spark3r_mapping/path": "nav_msgs/msg/Path",
+        "/spark3r_mapping/cloud": "sensor_msgs/msg/PointCloud2", "/spark3r_mapping/map": "sensor_msgs/msg/PointCloud2"}
     assert conns["/tf_static"].ext.offered_qos_profiles[0].durability.name == "TRANSIENT_LOCAL"
-    assert len(msgs["/tf"]) == len(msgs["/spark3r/odometry"]) == n
-    assert len(msgs["/spark3r/path"]) == len(msgs["/spark3r/cloud"]) == len(report["windows"])
-    assert len(msgs["/spark3r/path"][-1][2].poses) == n
+    assert len(msgs["/tf"]) == len(msgs["/spark3r_mapping/odometry"]) == n
+    assert len(msgs["/spark3r_mapping/path"]) == len(msgs["/spark3r_mapping/cloud"]) == len(report["windows"])
+    assert len(msgs["/spark3r_mapping/path"][-1][2].poses) == n
     # TF map -> base_link = keyframe camera pose composed with the inverse extrinsic.
     stamps, cam_poses = read_tum_trajectory(gt_run / "trajectory.tum")
     (_, _, static), = msgs["/tf_static"]
@@ -135,9 +135,11 @@ def test_mcap_output_is_readable_by_rosbags_mcap_and_rclpy(gt_run, bench):
                                               st.transform.rotation.z, st.transform.rotation.w])
     base_to_cam[:3, 3] = [st.transform.translation.x, st.transform.translation.y, st.transform.translation.z]
     for (t, _, tf), stamp, cam in zip(msgs["/tf"], stamps, cam_poses):
-        tr = tf.transforms[0]
+        tr, map_odom = tf.transforms
         assert t == stamp == tr.header.stamp.sec * 10**9 + tr.header.stamp.nanosec
-        assert (tr.header.frame_id, tr.child_frame_id) == ("map", "base_link")
+        assert (tr.header.frame_id, tr.child_frame_id) == ("odom", "base_link")
+        assert (map_odom.header.frame_id, map_odom.child_frame_id) == ("map", "odom")
+        assert map_odom.transform.rotation.w == 1.0 and map_odom.transform.translation.x == 0.0
         expected = cam @ invert_rigid(base_to_cam)
         assert np.allclose([tr.transform.translation.x, tr.transform.translation.y, tr.transform.translation.z],
                            expected[:3, 3], atol=1e-9)
@@ -155,7 +157,7 @@ def test_mcap_output_is_readable_by_rosbags_mcap_and_rclpy(gt_run, bench):
 
     from spark3r_ros.conversions import cloud_to_msg, msg_to_cloud
 
-    (_, raw, _), = msgs["/spark3r/map"]
+    (_, raw, _), = msgs["/spark3r_mapping/map"]
     msg = deserialize_message(raw, PointCloud2)
     xyz, rgb = msg_to_cloud(msg)
     ply = read_ply(gt_run / "map.ply")
@@ -241,7 +243,7 @@ def test_ctrl_c_leaves_valid_partial_outputs(bench, tmp_path, how):
     stamps, _ = read_tum_trajectory(out / "trajectory.tum")
     assert len(stamps) == saved["keyframes_mapped"]
     conns, msgs = _read_bag(out / "mapping.bag")
-    assert len(msgs["/tf"]) == len(stamps) and len(msgs["/spark3r/map"]) == 1
+    assert len(msgs["/tf"]) == len(stamps) and len(msgs["/spark3r_mapping/map"]) == 1
     assert len(read_ply(out / "map.ply").xyz) == saved["map_points"]
     assert not list(tmp_path.glob(".partial*"))  # no staging directory left behind
 

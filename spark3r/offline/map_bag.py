@@ -3,14 +3,16 @@
 Topics (ROS 2 CDR, standard type hashes, so ``ros2 bag play/info``, RViz through rosbag2 and
 Foxglove open it):
 
-* ``/tf``            tf2_msgs/TFMessage  map -> base_link at every keyframe stamp
-* ``/tf_static``     tf2_msgs/TFMessage  base_link -> camera optical frame, transient-local QoS
-* ``/spark3r/odometry`` nav_msgs/Odometry   base_link pose in map per keyframe
-* ``/spark3r/path``  nav_msgs/Path       all keyframe base poses so far, after every window
-* ``/spark3r/cloud`` sensor_msgs/PointCloud2  points each window added (map frame)
-* ``/spark3r/map``   sensor_msgs/PointCloud2  the voxel map, once, at the end
+* ``/tf``         tf2_msgs/TFMessage  odom -> base_link and map -> odom (identity) per keyframe
+* ``/tf_static``  tf2_msgs/TFMessage  base_link -> camera optical frame, transient-local QoS
+* ``/spark3r_mapping/odometry`` nav_msgs/Odometry  base_link pose in odom per keyframe
+* ``/spark3r_mapping/path``  nav_msgs/Path  all keyframe base poses so far (map), after every window
+* ``/spark3r_mapping/cloud`` sensor_msgs/PointCloud2  points each window added (map frame)
+* ``/spark3r_mapping/map``   sensor_msgs/PointCloud2  the voxel map, once, at the end
 
-Bag time = header stamp = the keyframe's source stamp (bag/sensor time).
+Topic and frame names are the live node's defaults (node ``spark3r_mapping``; REP-105 frames
+with the mapper as the odometry source, so map -> odom is the identity), so one RViz or Foxglove
+layout serves both. Bag time = header stamp = the keyframe's source stamp (bag/sensor time).
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from spark3r.geometry import matrix_to_quat_xyzw
 from spark3r.offline.cloud_layout import CLOUD_FIELDS, POINT_STEP, POINTFIELD_FLOAT32, cloud_payload
 
 TF_TOPIC = "/tf"
-ODOMETRY_TOPIC = "/spark3r/odometry"
-PATH_TOPIC = "/spark3r/path"
-CLOUD_TOPIC = "/spark3r/cloud"
-MAP_TOPIC = "/spark3r/map"
+NODE_NAMESPACE = "/spark3r_mapping"
+ODOMETRY_TOPIC = f"{NODE_NAMESPACE}/odometry"
+PATH_TOPIC = f"{NODE_NAMESPACE}/path"
+CLOUD_TOPIC = f"{NODE_NAMESPACE}/cloud"
+MAP_TOPIC = f"{NODE_NAMESPACE}/map"
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 PATH_TYPE = "nav_msgs/msg/Path"
 ODOMETRY_TYPE = "nav_msgs/msg/Odometry"
@@ -40,11 +43,12 @@ class MapBagWriter:
     """
 
     def __init__(self, path, map_frame: str = "map", base_frame: str = "base_link",
-                 camera_frame: str = "camera_optical_frame"):
+                 camera_frame: str = "camera_optical_frame", odom_frame: str = "odom"):
         from rosbags.rosbag2 import StoragePlugin, Writer
 
         self.path = Path(path)
-        self.map_frame, self.base_frame, self.camera_frame = map_frame, base_frame, camera_frame
+        self.map_frame, self.odom_frame = map_frame, odom_frame
+        self.base_frame, self.camera_frame = base_frame, camera_frame
         self._ts = _typestore()
         self._writer = Writer(self.path, version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.MCAP)
         self._writer.open()
@@ -103,13 +107,14 @@ class MapBagWriter:
         self._write(self._tf_static, stamp_ns, msg, TF_TYPE)
 
     def write_keyframe(self, stamp_ns: int, base_to_map: np.ndarray) -> None:
-        """TF map -> base_link and an Odometry for one mapped keyframe."""
+        """TF odom -> base_link + map -> odom and an Odometry for one mapped keyframe."""
         t = self._ts.types
-        tf = t[TF_TYPE](transforms=[self._transform(stamp_ns, self.map_frame, self.base_frame, base_to_map)])
+        tf = t[TF_TYPE](transforms=[self._transform(stamp_ns, self.odom_frame, self.base_frame, base_to_map),
+                                    self._transform(stamp_ns, self.map_frame, self.odom_frame, np.eye(4))])
         self._write(self._tf, stamp_ns, tf, TF_TYPE)
         zero = t["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0)
         odom = t[ODOMETRY_TYPE](
-            header=_header(self._ts, stamp_ns, self.map_frame), child_frame_id=self.base_frame,
+            header=_header(self._ts, stamp_ns, self.odom_frame), child_frame_id=self.base_frame,
             pose=t["geometry_msgs/msg/PoseWithCovariance"](pose=self._pose(base_to_map), covariance=np.zeros(36)),
             twist=t["geometry_msgs/msg/TwistWithCovariance"](
                 twist=t["geometry_msgs/msg/Twist"](linear=zero, angular=zero), covariance=np.zeros(36)))

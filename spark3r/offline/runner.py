@@ -7,7 +7,8 @@ Output directory (appears atomically; ``report.json`` says whether the run was c
 * ``keyframes/<stamp>_depth.png`` 16-bit depth (map units = value * ``depth_scale``, 0 = none),
   ``keyframes/<stamp>_conf.png`` 16-bit confidence (value * ``conf_scale``); ``keyframes.json``
   lists them with scales, intrinsics and the depth grid's image box
-* ``mapping.bag/``     rosbag2 mcap with /tf, /tf_static, odometry, path, clouds (see map_bag.py)
+* ``mapping.bag/``     rosbag2 mcap with /tf, /tf_static, odometry, path, clouds, named as the
+  live node publishes them (see map_bag.py)
 * ``report.json``      input, timings, drops, scales, alignment residuals, ``"complete"`` and
   ``"interrupted"`` flags
 
