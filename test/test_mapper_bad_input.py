@@ -80,7 +80,7 @@ def test_nonfinite_backbone_output_drops_the_window_and_is_counted(seq):
     m = Mapper(cfg(), bb)
     results = []
     for i in range(len(seq)):
-        m.offer(frame(seq, i))
+        m.offer(frame(seq, i, K=None))  # no camera_info: the predicted intrinsics are needed
         results += drain(m)
     st = m.stats
     assert st.windows_dropped_nonfinite == 2 and st.windows_dropped_invalid == 1
@@ -247,3 +247,22 @@ def test_concurrent_offer_and_worker_threads(seq):
     m.flush()
     st = m.stats
     assert st.keyframes == len(seq) and len(m.trajectory) == len(seq) and st.windows_mapped == st.windows
+
+
+def test_unusable_predicted_intrinsics_are_not_needed_when_camera_info_gives_K(seq):
+    """A backbone whose focal length comes out infinite (e.g. a ReLU'd FoV of 0) still maps
+    frames that carry calibrated intrinsics; without them the same window is dropped."""
+    def inf_K(p):
+        p.K[:, 0, 0] = np.inf
+        return p
+
+    for use_K, expect_dropped in ((True, 0), (False, 1)):
+        m = Mapper(cfg(), Corrupting(GroundTruthBackbone(seq, seed=1), {0: inf_K}))
+        results = []
+        for i in range(8):
+            m.offer(frame(seq, i, K=seq.K if use_K else None))
+            results += drain(m)
+        assert m.stats.windows_dropped_nonfinite == expect_dropped
+        if use_K:
+            assert results and results[0].starts_map
+            np.testing.assert_allclose(results[0].keyframes[0].K, seq.K)

@@ -54,12 +54,14 @@ class Prediction:
             return f"Prediction.depth_box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}"
         return None
 
-    def finite_frames(self) -> np.ndarray:
+    def finite_frames(self, K: Optional[np.ndarray] = None) -> np.ndarray:
         """bool ``[S]``: frames whose pose and intrinsics are finite and usable (positive focal
-        lengths, a proper rotation)."""
+        lengths, a proper rotation). ``K`` replaces the predicted intrinsics in the check when
+        the caller unprojects with other ones (camera_info)."""
+        K = self.K if K is None else K
         ok = np.all(np.isfinite(self.c2w.reshape(len(self.c2w), -1)), axis=1)
-        ok &= np.all(np.isfinite(self.K.reshape(len(self.K), -1)), axis=1)
-        ok &= (self.K[:, 0, 0] > 0) & (self.K[:, 1, 1] > 0)
+        ok &= np.all(np.isfinite(K.reshape(len(K), -1)), axis=1)
+        ok &= (K[:, 0, 0] > 0) & (K[:, 1, 1] > 0)
         R = np.where(ok[:, None, None], self.c2w[:, :3, :3], np.eye(3))
         ortho = np.abs(np.einsum("sji,sjk->sik", R, R) - np.eye(3)).max(axis=(1, 2)) < 1e-3
         ok &= ortho & (np.linalg.det(R) > 0)

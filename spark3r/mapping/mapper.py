@@ -122,7 +122,7 @@ class _WindowSlot:
     camera_to_map: Optional[np.ndarray] = None
     depth: Optional[np.ndarray] = None        # map units
     conf: Optional[np.ndarray] = None
-    K_pred: Optional[np.ndarray] = None
+    K: Optional[np.ndarray] = None            # intrinsics its depth was unprojected with
     depth_box: Optional[tuple] = None
 
 
@@ -359,7 +359,8 @@ class Mapper:
             self._stats.last_backbone_error = problem
             log.warning("dropping window: %s", problem)
             return None
-        if not np.all(pred.finite_frames()):
+        K_used = self._unprojection_intrinsics(pred)
+        if not np.all(pred.finite_frames(K_used)):
             self._stats.windows_dropped_nonfinite += 1
             log.warning("dropping window: non-finite pose or intrinsics in the backbone output")
             return None
@@ -375,9 +376,21 @@ class Mapper:
         if stale:
             self._stats.windows_discarded_after_reset += 1
             return None
-        return self._integrate(pred, depth, conf, latency)
+        return self._integrate(pred, K_used, depth, conf, latency)
 
-    def _integrate(self, pred: Prediction, depth: np.ndarray, conf: np.ndarray, latency: float) -> Optional[WindowResult]:
+    def _unprojection_intrinsics(self, pred: Prediction) -> np.ndarray:
+        """Per window frame, the intrinsics its depth is unprojected with: the keyframe's own K
+        (camera_info) when configured and present, else the backbone's prediction. A frame with a
+        calibrated K therefore survives a backbone whose predicted focal length is unusable."""
+        K = np.array(pred.K, dtype=np.float64, copy=True)
+        if self.config.map.use_camera_info_intrinsics:
+            for i, slot in enumerate(self._window):
+                if slot.keyframe.K is not None:
+                    K[i] = slot.keyframe.K
+        return K
+
+    def _integrate(self, pred: Prediction, K_used: np.ndarray, depth: np.ndarray, conf: np.ndarray,
+                   latency: float) -> Optional[WindowResult]:
         c2w = np.asarray(pred.c2w, dtype=np.float64)
         base_to_camera = self.base_to_camera  # read once: another thread may swap it
         shared = [i for i, s in enumerate(self._window) if s.camera_to_map is not None]
@@ -395,7 +408,7 @@ class Mapper:
             to_map = Sim3(1.0, rigid[:3, :3], rigid[:3, 3])
             residual, inlier_fraction = 0.0, 1.0
         else:
-            fit = self._align(shared, c2w, pred, depth, conf)
+            fit = self._align(shared, c2w, pred.depth_box, K_used, depth, conf)
             if fit is None:
                 self._stats.windows_rejected_alignment += 1
                 return None
@@ -416,14 +429,13 @@ class Mapper:
             slot.camera_to_map = poses[i]
             slot.depth = depth[i] * to_map.scale
             slot.conf = conf[i]
-            slot.K_pred = np.asarray(pred.K[i], dtype=np.float64)
+            slot.K = K_used[i]
             slot.depth_box = tuple(float(b) for b in pred.depth_box)
-            K_used = slot.keyframe.K if (self.config.map.use_camera_info_intrinsics and slot.keyframe.K is not None) else slot.K_pred
-            xyz, rgb = self._keyframe_points(slot, K_used)
+            xyz, rgb = self._keyframe_points(slot)
             xyz_all.append(xyz)
             rgb_all.append(rgb)
             base_to_map = poses[i] @ invert_rigid(base_to_camera)
-            new_keyframes.append(MappedKeyframe(slot.keyframe.id, slot.keyframe.stamp_ns, poses[i], base_to_map, K_used, self._window_index))
+            new_keyframes.append(MappedKeyframe(slot.keyframe.id, slot.keyframe.stamp_ns, poses[i], base_to_map, slot.K, self._window_index))
         xyz = np.concatenate(xyz_all).astype(np.float32) if xyz_all else np.zeros((0, 3), np.float32)
         rgb = np.concatenate(rgb_all).astype(np.uint8) if rgb_all else np.zeros((0, 3), np.uint8)
         self.voxel_map.insert(xyz, rgb)
@@ -444,24 +456,24 @@ class Mapper:
         s.max_residual = max(s.max_residual, residual)
         s.last_inlier_fraction = inlier_fraction
 
-    def _keyframe_points(self, slot: _WindowSlot, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _keyframe_points(self, slot: _WindowSlot) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.config.map
         mask = confident_mask(slot.depth, slot.conf, cfg.conf_percentile, cfg.conf_min)
         idx = subsample_indices(mask, cfg.max_points_per_keyframe)
-        xyz, u, v = unproject_cells(slot.depth, idx, slot.depth_box, K, slot.camera_to_map)
+        xyz, u, v = unproject_cells(slot.depth, idx, slot.depth_box, slot.K, slot.camera_to_map)
         return xyz, sample_image(slot.keyframe.image, u, v)
 
-    def _align(self, shared: list[int], c2w: np.ndarray, pred: Prediction, depth: np.ndarray, conf: np.ndarray):
+    def _align(self, shared: list[int], c2w: np.ndarray, depth_box, K_used: np.ndarray, depth: np.ndarray, conf: np.ndarray):
         """Robust Sim(3) window -> map from the shared keyframes' camera centres and depth points.
         Returns (transform, relative residual, inlier fraction) or None if underdetermined."""
         cfg_w, cfg_m = self.config.window, self.config.map
         if len(shared) < cfg_w.min_shared_keyframes:
             return None
         src, dst, weights, map_depths = [], [], [], []
-        box = tuple(float(b) for b in pred.depth_box)
+        box = tuple(float(b) for b in depth_box)
         for i in shared:
             slot = self._window[i]
-            K_win = np.asarray(pred.K[i], dtype=np.float64)
+            K_win = K_used[i]
             mask = confident_mask(depth[i], conf[i], cfg_m.conf_percentile, cfg_m.conf_min)
             idx = subsample_indices(mask, cfg_w.alignment_points_per_frame)
             if len(idx) == 0:
@@ -473,7 +485,7 @@ class Mapper:
             ok = inside & np.isfinite(d_map) & (d_map > 0) & (c_map > 0)
             if not np.any(ok):
                 continue
-            x_map, _, _ = unproject_cells(slot.depth, cell[ok], slot.depth_box, slot.K_pred, slot.camera_to_map)
+            x_map, _, _ = unproject_cells(slot.depth, cell[ok], slot.depth_box, slot.K, slot.camera_to_map)
             c_win = conf[i].reshape(-1)[idx[ok]]
             src.append(x_win[ok])
             dst.append(x_map)
