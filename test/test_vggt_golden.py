@@ -58,6 +58,11 @@ def tiny_model(tiny_case):
     return load_weights(model, tiny_case.state_dict())
 
 
+@pytest.fixture(scope="module")
+def tiny_results(tiny_case, tiny_model):
+    return run_with_debug(tiny_model, tiny_case.tensors["images"], (8, 10), {"dbg.agg_layer0": 0, "dbg.agg_layer3": 3})
+
+
 def test_tiny_state_dict_is_the_golden_listing(tiny_case):
     sd = build_model("vggt-tiny").state_dict()
     assert [(k, list(v.shape)) for k, v in sd.items()] == [(e[0], e[1]) for e in tiny_case.entries]
@@ -83,10 +88,8 @@ def test_1b_state_dict_is_the_official_listing(shared):
     assert len(model.global_attention_modules()) == 24
 
 
-def test_tiny_matches_golden(tiny_case, tiny_model):
-    results = run_with_debug(tiny_model, tiny_case.tensors["images"], (8, 10),
-                             {"dbg.agg_layer0": 0, "dbg.agg_layer3": 3})
-    assert_matches_golden(tiny_case, results)
+def test_tiny_matches_golden(tiny_case, tiny_results):
+    assert_matches_golden(tiny_case, tiny_results)
 
 
 @pytest.mark.slow
@@ -115,10 +118,9 @@ class RecordingDense:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def test_global_op_receives_layout_and_dense_op_is_exact(tiny_case, tiny_model):
+def test_global_op_receives_layout_and_dense_op_is_exact(tiny_case, tiny_model, tiny_results):
     images = tiny_case.tensors["images"]
-    with torch.inference_mode():
-        reference = tiny_model(images)
+    reference = tiny_results
     op = RecordingDense()
     modules = tiny_model.global_attention_modules()
     assert len(modules) == 4 and all(m.global_op is None for m in modules)
@@ -139,11 +141,11 @@ def test_global_op_receives_layout_and_dense_op_is_exact(tiny_case, tiny_model):
         assert shape == (1, 6, 3 * 85, 64)
 
 
-def test_global_op_output_is_used(tiny_case, tiny_model):
-    images = tiny_case.tensors["images"][:2]
+def test_global_op_output_is_used(tiny_case, tiny_model, tiny_results):
+    images = tiny_case.tensors["images"]
     layer = tiny_model.global_attention_modules()[2]
+    reference = tiny_results["depth"]
     with torch.inference_mode():
-        reference = tiny_model(images)["depth"]
         layer.global_op = lambda q, k, v, layout, scale=None: torch.zeros_like(q)
         try:
             changed = tiny_model(images)["depth"]
