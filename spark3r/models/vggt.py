@@ -161,7 +161,9 @@ class Aggregator(nn.Module):
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, S, 3, H, W]`` in [0, 1] -> final-normed DINO patch tokens ``[B, S, Np, C]``."""
         b, s, _, h, w = images.shape
-        flat = normalize_images(images).reshape(b * s, 3, h, w)
+        # Normalise at the input precision, then cast: bf16 weights should not see bf16-rounded
+        # raw pixels shifted by the mean.
+        flat = normalize_images(images).to(self.camera_token.dtype).reshape(b * s, 3, h, w)
         # On the meta device nothing is computed, so chunking would only add per-op overhead
         # (e.g. when counting FLOPs of a 1000-frame forward).
         step = b * s if flat.is_meta else self.cfg.encoder_frames_chunk
@@ -373,8 +375,7 @@ class VGGT(nn.Module):
         in [0, 1]. Passing them back as ``forward(images, patch_tokens=...)`` gives bitwise the
         same outputs as recomputing; frames are encoded independently (``encoder_frames_chunk=1``),
         so tokens cached from earlier calls can be concatenated with new ones."""
-        images = self._as_batched(images).to(self._weight_dtype())
-        return self.aggregator.encode_patches(images)
+        return self.aggregator.encode_patches(self._as_batched(images))
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -404,7 +405,7 @@ class VGGT(nn.Module):
         wanted = self._requested_heads(heads)
         dtype = self._weight_dtype()
         if patch_tokens is None:
-            patch_tokens = self.aggregator.encode_patches(images.to(dtype))
+            patch_tokens = self.aggregator.encode_patches(images)
         else:
             expected = (b, s, grid[0] * grid[1], self.config.embed_dim)
             if not isinstance(patch_tokens, torch.Tensor) or tuple(patch_tokens.shape) != expected:
