@@ -187,3 +187,25 @@ def test_evaluate_tum_files_writes_json_and_plots(tmp_path):
         evaluate(tmp_path / "missing.tum", tmp_path / "gt.tum")
     with pytest.raises(ValueError, match="depth_scale"):
         evaluate(tmp_path / "est.tum", tmp_path / "gt.tum", depth_scale="mean")
+
+
+# -- bench --stream ------------------------------------------------------------------------------
+
+
+def test_stream_bench_cache_matches_naive_dense_and_reports_per_keyframe_cost():
+    from spark3r.eval.stream_bench import StreamBenchConfig, run_stream_bench
+
+    cfg = StreamBenchConfig(window=4, stride=2, windows=2, methods=("dense", "uniform"), image_hw=(48, 64),
+                            image_width=56, threads=1)
+    result = run_stream_bench(cfg)
+    pipes = result["pipelines"]
+    assert set(pipes) == {"naive-dense", "dense", "uniform"}
+    for name, p in pipes.items():
+        assert len(p["window_s"]) == 2 and p["per_keyframe_s"] > 0
+        assert p["per_keyframe_s"] == pytest.approx(float(np.median(p["window_s"])) / 2)
+        assert p["encoder_cache"] is (name != "naive-dense")
+    # The encoder cache changes nothing in the result; a reduction does (a little).
+    assert pipes["dense"]["depth_median_rel_diff_vs_naive"] == pytest.approx(0.0, abs=1e-5)
+    assert 0 < pipes["uniform"]["depth_median_rel_diff_vs_naive"] < 0.5
+    with pytest.raises(ValueError, match="stride"):
+        StreamBenchConfig(window=4, stride=4)
