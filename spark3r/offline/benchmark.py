@@ -81,3 +81,36 @@ def load_tum_ground_truth(path, max_diff_ns: int = 20_000_000) -> GroundTruthSeq
         stamps.append(f.stamp_ns)
     return GroundTruthSequence(np.stack(images), np.stack(depth).astype(np.float32), intrinsics[0],
                                np.stack(poses), np.array(stamps, dtype=np.int64))
+
+
+def main(argv=None) -> int:
+    """``python -m spark3r.offline.benchmark OUT``: write a benchmark sequence (bag + TUM + reference)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m spark3r.offline.benchmark", description=main.__doc__)
+    p.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--frames", type=int, default=40)
+    p.add_argument("--height", type=int, default=120)
+    p.add_argument("--width", type=int, default=160)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trajectory", default="orbit", choices=("orbit", "forward", "static"))
+    p.add_argument("--fps", type=float, default=10.0)
+    p.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
+    p.add_argument("--compressed", action="store_true", help="CompressedImage (jpeg) instead of raw Image")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        paths = write_benchmark(args.out, num_frames=args.frames, height=args.height, width=args.width, seed=args.seed,
+                                trajectory=args.trajectory, fps=args.fps, storage=args.storage,
+                                compressed=args.compressed, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"benchmark: error: {exc}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
