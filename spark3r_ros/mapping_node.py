@@ -47,6 +47,7 @@ from tf2_msgs.msg import TFMessage
 from spark3r.geometry import invert_rigid
 from spark3r.mapping import BackboneConfig, Frame, Mapper, MapperConfig, WindowResult
 from spark3r.mapping.config import KeyframeConfig, MapConfig, WindowConfig, parameter_docs
+from spark3r.mapping.keyframes import REJECT_BAD_IMAGE
 from spark3r_ros.conversions import (camera_info_to_intrinsics, cloud_to_msg, compressed_to_rgb, image_to_rgb,
                                      matrix_to_pose, matrix_to_transform, ns_to_time, time_to_ns)
 from spark3r_ros.odom_tf_buffer import OdomTfBuffer
@@ -405,8 +406,8 @@ class MappingNode(Node):
             try:
                 self._process(msg)
             except Exception as exc:  # one bad message must never stop the mapping
-                if self._stop.is_set():
-                    return
+                if self._stop.is_set() or not self.context.ok():
+                    return  # shutting down: publishers are gone
                 self._count(None, f"unexpected error while processing an image: {type(exc).__name__}: {exc}")
                 self.get_logger().error(f"unexpected error while processing an image: {type(exc).__name__}: {exc}")
 
@@ -427,7 +428,7 @@ class MappingNode(Node):
         self._last_stamp_ns = stamp_ns
         self._update_extrinsic(msg.header.frame_id)
         decision = self.mapper.offer(Frame(rgb, stamp_ns, self._intrinsics_for(rgb.shape)))
-        if decision.reason == "bad_image":
+        if decision.reason == REJECT_BAD_IMAGE:
             self._count("frames_rejected_bad_image", f"image rejected: {decision.detail}")
         while not self._stop.is_set():
             result = self.mapper.process_pending()

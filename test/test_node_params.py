@@ -164,3 +164,33 @@ def test_rviz_config_shows_the_node_topics_in_the_map_frame():
         f"/{NODE_NAME}/odometry": "rviz_default_plugins/Odometry",
     }
     assert any(d["Class"] == "rviz_default_plugins/TF" for d in manager["Displays"])
+
+
+def test_reduction_schedule_file_reaches_the_model(ros_context, tmp_path):
+    pytest.importorskip("torch")
+    from spark3r.accel.schedule import KVSchedule, save_schedule
+
+    base = dict(backbone="vggt-tiny", checkpoint="seeded", image_width=56, reduction="spark3r")
+    node = MappingNode(context=ros_context, use_global_arguments=False,
+                       parameter_overrides=[Parameter(k, value=v) for k, v in base.items()])
+    try:
+        assert node.backbone_error == ""
+        layers = node.mapper.backbone.model.accel_handle.op.schedule.num_layers
+    finally:
+        destroy(node)
+    schedule = KVSchedule(kv_keep=tuple(0.25 + 0.5 * (i % 2) for i in range(layers)), note="test")
+    path = save_schedule(schedule, tmp_path / "schedule.json")
+    node = MappingNode(context=ros_context, use_global_arguments=False, parameter_overrides=[
+        Parameter(k, value=v) for k, v in dict(base, reduction_schedule=str(path)).items()])
+    try:
+        assert node.mapper.backbone.model.accel_handle.op.schedule.kv_keep == schedule.kv_keep
+    finally:
+        destroy(node)
+    # A missing file is a backbone problem: the node stays up and says so.
+    node = MappingNode(context=ros_context, use_global_arguments=False, parameter_overrides=[
+        Parameter(k, value=v) for k, v in dict(base, reduction_schedule=str(tmp_path / "missing.json")).items()])
+    try:
+        assert node.mapper is None and "missing.json" in node.backbone_error
+        assert node.diagnostics_values()["backbone_error"] == node.backbone_error
+    finally:
+        destroy(node)
