@@ -175,7 +175,9 @@ def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
     layer_errors, attn_errors, costs = [], [], []
     with torch.inference_mode():
         remove(model)
-        ref = model(images)
+        # The per-frame encoder does not see the global layers: encode once, reuse in every run.
+        patch_tokens = model.encode_patches(images)
+        ref = model(images, patch_tokens=patch_tokens)
         for layer in range(num_layers):
             ops = {c: single_layer_op(layer, c) for c in cfg.candidates}
             errs, attn = {}, {}
@@ -183,7 +185,7 @@ def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
                 probe = _LayerProbe(layer, {c: op}, apply_op=op)
                 for m in modules:
                     m.global_op = probe
-                out = model(images)
+                out = model(images, patch_tokens=patch_tokens)
                 remove(model)
                 errs[c], _ = output_error(out, ref, (h, w))
                 attn[c] = probe.errors[c]

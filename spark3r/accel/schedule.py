@@ -122,7 +122,7 @@ def load_schedule(path: Union[str, Path]) -> KVSchedule:
 #  * the middle layers establish cross-view correspondence — they get the largest budget;
 #  * the last layers refine locally and again tolerate pruning, a little less than the first ones
 #    because their errors reach the heads directly.
-_PROFILE = ((0.0, 0.05), (0.2, 0.09), (0.35, 0.2), (0.6, 0.2), (0.75, 0.11), (1.0, 0.09))
+_PROFILE = ((0.0, 0.045), (0.2, 0.08), (0.35, 0.19), (0.6, 0.19), (0.75, 0.1), (1.0, 0.08))
 
 
 def profile_keep(num_layers: int, profile: Sequence[tuple[float, float]] = _PROFILE) -> tuple[float, ...]:

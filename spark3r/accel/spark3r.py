@@ -30,7 +30,7 @@ from .common import check_qkv, exact_attention, gather_per_head, layout_key, sta
 from .layout import TokenLayout
 from .schedule import KVSchedule
 
-KV_SCORES = ("query_mean", "key_norm")
+KV_SCORES = ("query_mean", "query_summary", "key_norm")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class Spark3RConfig:
     schedule: Union[None, str, KVSchedule] = None
     kv_score: str = "query_mean"
     kv_compensation: bool = True
+    # The first `dense_queries` special tokens of every frame (1 = the camera token) query the
+    # full, unpruned keys/values: one token per view carries the camera estimate, which K/V
+    # pruning hurts most, and it costs 1/tokens_per_frame of dense attention.
+    dense_queries: int = 1
 
     def __post_init__(self) -> None:
         group = tuple(int(x) for x in self.query_group)
@@ -51,6 +55,8 @@ class Spark3RConfig:
             raise ValueError(f"query_group must be two positive ints (rows, cols), got {self.query_group}")
         if not 1 <= int(self.query_keep) <= group[0] * group[1]:
             raise ValueError(f"query_keep must be in 1..{group[0] * group[1]} for query_group {group}, got {self.query_keep}")
+        if int(self.dense_queries) < 0:
+            raise ValueError(f"dense_queries must be >= 0 (leading special tokens per frame), got {self.dense_queries}")
         if self.kv_score not in KV_SCORES:
             raise ValueError(f"kv_score must be one of {KV_SCORES}, got {self.kv_score!r}")
 
@@ -242,15 +248,30 @@ def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], 
 def kv_scores(qbar: torch.Tensor, k: torch.Tensor, layout: TokenLayout, score: str) -> torch.Tensor:
     """Score of every patch token of every frame as a key, ``[B, H, S, patches]`` (higher = keep).
 
-    ``qbar [B, H, d]`` is the mean query of the layer (used by ``"query_mean"``)."""
+    ``qbar`` is the mean query ``[B, H, d]`` for ``"query_mean"`` or the summary queries
+    ``[B, H, d, T]`` for ``"query_summary"`` (see :func:`summary_queries`)."""
     b, h, n, d = k.shape
     if score == "query_mean":
         s = (k @ qbar[..., None]).view(b, h, layout.frames, layout.tokens_per_frame)
+    elif score == "query_summary":
+        # qbar [B, H, d, T]: one summary query per token type; a key's score is its best
+        # per-frame log-softmax weight under any summary, so keys that matter to the camera
+        # and register tokens survive even when the patch queries ignore them.
+        logits = (k @ qbar).view(b, h, layout.frames, layout.tokens_per_frame, -1)[..., layout.special_tokens:, :]
+        return (logits - torch.logsumexp(logits, dim=3, keepdim=True)).amax(-1)
     elif score == "key_norm":
         s = torch.linalg.vector_norm(k, dim=-1).view(b, h, layout.frames, layout.tokens_per_frame)
     else:
         raise ValueError(f"kv_score must be one of {KV_SCORES}, got {score!r}")
     return s[..., layout.special_tokens:]
+
+
+def summary_queries(q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """``[B, H, d, special_tokens + 1]``: the mean over frames of each special-token slot
+    (camera, registers), and the mean of all queries."""
+    b, h, n, d = q.shape
+    special = q.view(b, h, layout.frames, layout.tokens_per_frame, d)[:, :, :, : layout.special_tokens].mean(2)
+    return torch.cat((special, q.mean(2, keepdim=True)), 2).transpose(-1, -2)
 
 
 def frame_patch_sums(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -321,12 +342,22 @@ def spark3r_attention(
     if budget < patches:
         # The mean of the queries that actually attend (merging keeps pair means, so this is
         # the plain query mean up to the weighting of merged groups) — half the read of q.
-        qbar = q_red.mean(dim=2)
+        qbar = summary_queries(q, layout) if config.kv_score == "query_summary" else q_red.mean(dim=2)
         k_red, v_red, mask, _ = prune_kv(qbar, k, v, layout, budget, config.kv_score, config.kv_compensation)
     else:
         k_red, v_red, mask = k, v, None
     out = exact_attention(q_red, k_red, v_red, scale, attn_mask=mask)
-    return out if source is None else gather_per_head(out, source)
+    out = out if source is None else gather_per_head(out, source)
+    if config.dense_queries and budget < patches:
+        special = special_index(layout, min(config.dense_queries, layout.special_tokens), q.device)
+        out[:, :, special] = exact_attention(q.index_select(2, special), k, v, scale)
+    return out
+
+
+def special_index(layout: TokenLayout, count: int, device) -> torch.Tensor:
+    """Token indices of the first ``count`` special tokens of every frame."""
+    tokens = torch.arange(count, device=device)
+    return (torch.arange(layout.frames, device=device)[:, None] * layout.tokens_per_frame + tokens).reshape(-1)
 
 
 class Spark3ROp:
@@ -395,6 +426,11 @@ def spark3r_overhead_flops(layout: TokenLayout, config: Spark3RConfig, budget: i
             flops += groups * (16 * 2 * d + 3 * 16 + 2 * 4 * 2 * d)
         else:
             flops += groups * (g - keep) * (g * g * 2 * d + 3 * g * d)
+    if budget < patches and config.dense_queries:
+        flops += 4 * layout.frames * min(config.dense_queries, layout.special_tokens) * n * d  # over all keys
+    if budget < patches and config.kv_score == "query_summary":
+        t = layout.special_tokens + 1
+        flops += n * d + n * 2 * d * (t - 1) + 3 * layout.frames * patches * t  # summaries, extra mat-vecs, log-softmax
     if budget < patches:
         flops += spark3r_sizes(layout, config, budget)[0] * d  # mean of the reduced queries
         flops += n * 2 * d  # scores (mat-vec over all tokens)

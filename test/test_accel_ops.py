@@ -1,0 +1,217 @@
+"""The reduction ops on q/k/v: exactness at factor 1, protected tokens, unmerge, budgets,
+compensation maths, and the uniform baseline's merge/unmerge."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spark3r.accel import TokenLayout, build_op
+from spark3r.accel.common import exact_attention, gather_per_head, static_index
+from spark3r.accel.schedule import KVSchedule
+from spark3r.accel.spark3r import (Spark3RConfig, merge_four_to_two, merge_greedy, merge_queries, prune_kv,
+                                   query_groups, spark3r_attention, spark3r_sizes)
+from spark3r.accel.uniform import UniformConfig, partition, uniform_attention, uniform_sizes
+
+# 4 frames, 5 special tokens, a 5x7 grid (odd on both sides: partial groups at the edges).
+LAYOUT = TokenLayout(frames=4, tokens_per_frame=40, special_tokens=5, grid=(5, 7), reference_frame=1,
+                     layer=0, num_layers=2)
+H, D = 3, 16
+
+
+def qkv(layout=LAYOUT, seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, H, layout.num_tokens, D, generator=g) for _ in range(3)]
+
+
+def no_pruning(layers=2):
+    return KVSchedule(tuple([1.0] * layers))
+
+
+def test_factor_one_is_bitwise_dense():
+    q, k, v = qkv()
+    ref = exact_attention(q, k, v)
+    dense = build_op("dense", 2)(q, k, v, LAYOUT)
+    uniform = build_op("uniform", 2, ratio=0.0)(q, k, v, LAYOUT)
+    spark = build_op("spark3r", 2, query_keep=4, schedule=no_pruning())(q, k, v, LAYOUT)
+    for out in (dense, uniform, spark):
+        assert torch.equal(out, ref)
+
+
+def test_protected_queries_exact_when_only_queries_merge():
+    # With K/V untouched, attention rows are independent: merging other queries cannot change the
+    # output of the protected (unmerged) queries.
+    q, k, v = qkv(seed=1)
+    ref = exact_attention(q, k, v)
+    out = build_op("spark3r", 2, query_keep=2, schedule=no_pruning())(q, k, v, LAYOUT)
+    prot = LAYOUT.protected_mask()
+    torch.testing.assert_close(out[:, :, prot], ref[:, :, prot], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[:, :, ~prot], ref[:, :, ~prot], atol=1e-3)
+
+
+def test_merging_identical_queries_is_exact_and_unmerge_restores_order():
+    # Queries constant inside every 2x2 group: merging loses nothing, so the output is dense.
+    q, k, v = qkv(seed=2)
+    groups = query_groups(LAYOUT, (2, 2), 2, "cpu")
+    for members in list(groups.full) + [row[v_] for row, v_ in zip(groups.partial, groups.partial_valid)]:
+        q[:, :, members] = q[:, :, members[:1]]
+    out = build_op("spark3r", 2, query_keep=2, schedule=no_pruning())(q, k, v, LAYOUT)
+    torch.testing.assert_close(out, exact_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 4])
+def test_unmerge_map_covers_every_token_with_exact_group_budgets(keep):
+    q, _, _ = qkv(seed=3)
+    q_red, source = merge_queries(q, LAYOUT, (2, 2), keep)
+    groups = query_groups(LAYOUT, (2, 2), keep, "cpu")
+    npro = int(LAYOUT.protected_mask().sum())
+    assert q_red.shape[2] == npro + groups.num_outputs == spark3r_sizes(LAYOUT, Spark3RConfig(query_keep=keep), 35)[0]
+    assert source.shape == (1, H, LAYOUT.num_tokens)
+    assert int(source.min()) >= 0 and int(source.max()) < q_red.shape[2]
+    # protected tokens keep their own rows, in token order
+    prot = torch.nonzero(LAYOUT.protected_mask()).flatten()
+    assert torch.equal(source[0, 0, prot], torch.arange(npro))
+    # every full group maps to exactly `keep` distinct rows, partial ones to min(keep, size)
+    for head in range(H):
+        for members in groups.full:
+            assert source[0, head, members].unique().numel() == keep
+        for members, valid, kp in zip(groups.partial, groups.partial_valid, groups.partial_keep):
+            assert source[0, head, members[valid]].unique().numel() == int(kp)
+    # every reduced row is used, and a merged row is the mean of its members
+    unmerged = gather_per_head(q_red, source)
+    assert unmerged.shape == q.shape
+    for head in range(H):
+        rows = source[0, head]
+        assert rows.unique().numel() == q_red.shape[2]
+        for r in rows.unique()[:50]:
+            members = torch.nonzero(rows == r).flatten()
+            torch.testing.assert_close(q_red[0, head, r], q[0, head, members].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_four_to_two_pairing_is_optimal_and_matches_greedy_partition_sizes():
+    x = torch.randn(1, 2, 50, 4, 8)
+    means, slot = merge_four_to_two(x)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    cos = xn @ xn.transpose(-1, -2)
+    options = torch.stack([cos[..., 0, 1] + cos[..., 2, 3], cos[..., 0, 2] + cos[..., 1, 3], cos[..., 0, 3] + cos[..., 1, 2]], -1)
+    chosen = torch.where(slot[..., 1] == 0, 0, torch.where(slot[..., 2] == 0, 1, 2))
+    torch.testing.assert_close(options.gather(-1, chosen[..., None]).squeeze(-1), options.max(-1).values)
+    assert ((slot == 0).sum(-1) == 2).all()
+    gmeans, gslot = merge_greedy(x, torch.ones(50, 4, dtype=torch.bool), 2)
+    assert gmeans.shape == means.shape and (gslot.max(-1).values == 1).all()
+
+
+def test_kv_budget_is_exact_per_frame_and_protected_keys_stay():
+    q, k, v = qkv(seed=4)
+    budget = 6
+    k_red, v_red, mask, kept = prune_kv(q.mean(2), k, v, LAYOUT, budget)
+    idx = static_index(LAYOUT, "cpu")
+    nf = len(idx.frames)
+    assert kept.shape == (1, H, nf, budget)
+    for f_row, frame in enumerate(idx.frames):
+        lo, hi = frame * 40 + 5, frame * 40 + 40
+        per = kept[0, :, f_row]
+        assert ((per >= lo) & (per < hi)).all()
+        assert all(per[h].unique().numel() == budget for h in range(H))
+    npro = idx.protected.numel()
+    assert k_red.shape[2] == npro + nf * budget + nf == mask.shape[-1]
+    assert torch.equal(k_red[:, :, :npro], k[:, :, idx.protected])
+    assert torch.equal(mask[..., :-nf], torch.zeros_like(mask[..., :-nf]))
+    torch.testing.assert_close(mask[..., -nf:], torch.full((1, 1, 1, nf), math.log(35 - budget)))
+
+
+def test_compensation_token_is_exact_when_pruned_tokens_are_identical():
+    # If all pruned keys/values of a frame are equal, one token with a log(count) logit bias
+    # carries exactly their softmax mass: the pruned attention equals dense attention.
+    q, k, v = qkv(seed=5)
+    budget = 4
+    _, _, _, kept = prune_kv(q.mean(2), k, v, LAYOUT, budget)
+    idx = static_index(LAYOUT, "cpu")
+    for f_row, frame in enumerate(idx.frames):
+        for h in range(H):
+            frame_patches = torch.arange(frame * 40 + 5, frame * 40 + 40)
+            pruned = frame_patches[~torch.isin(frame_patches, kept[0, h, f_row])]
+            k[0, h, pruned] = k[0, h, pruned[:1]]
+            v[0, h, pruned] = v[0, h, pruned[:1]]
+    sched = KVSchedule((budget / 35, budget / 35), reference_frames=16)
+    cfg = Spark3RConfig(query_keep=4, schedule=sched)
+    out = spark3r_attention(q, k, v, LAYOUT, cfg, budget)
+    torch.testing.assert_close(out, exact_attention(q, k, v), rtol=1e-4, atol=1e-5)
+    # ... and without compensation it is not
+    cfg_off = Spark3RConfig(query_keep=4, schedule=sched, kv_compensation=False)
+    assert not torch.allclose(spark3r_attention(q, k, v, LAYOUT, cfg_off, budget), exact_attention(q, k, v), atol=1e-3)
+
+
+def test_spark3r_op_sizes_match_closed_form_and_batch_is_independent():
+    q, k, v = qkv(seed=6, batch=2)
+    op = build_op("spark3r", 2, schedule=KVSchedule((0.2, 0.5)))
+    out = op(q, k, v, LAYOUT)
+    assert out.shape == q.shape
+    single = op(q[1:], k[1:], v[1:], LAYOUT)
+    torch.testing.assert_close(out[1:], single, rtol=1e-5, atol=1e-6)
+    seen = {}
+
+    def spy(q_, k_, v_, scale=None, attn_mask=None):
+        seen.setdefault("shape", (q_.shape[2], k_.shape[2]))  # the first call is the reduced attention
+        return exact_attention(q_, k_, v_, scale, attn_mask)
+
+    import spark3r.accel.spark3r as mod
+    orig = mod.exact_attention
+    mod.exact_attention = spy
+    try:
+        op(q, k, v, LAYOUT)
+    finally:
+        mod.exact_attention = orig
+    assert seen["shape"] == op.reduced_sizes(LAYOUT)
+
+
+def test_camera_queries_see_all_keys_when_dense_queries_is_set():
+    q, k, v = qkv(seed=8)
+    ref = exact_attention(q, k, v)
+    cameras = torch.arange(LAYOUT.frames) * LAYOUT.tokens_per_frame
+    registers = cameras + 1
+    out = build_op("spark3r", 2, schedule=KVSchedule((0.1, 0.1)), dense_queries=1)(q, k, v, LAYOUT)
+    torch.testing.assert_close(out[:, :, cameras], ref[:, :, cameras], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[:, :, registers], ref[:, :, registers], atol=1e-3)
+    out0 = build_op("spark3r", 2, schedule=KVSchedule((0.1, 0.1)), dense_queries=0)(q, k, v, LAYOUT)
+    assert not torch.allclose(out0[:, :, cameras], ref[:, :, cameras], atol=1e-3)
+
+
+def test_uniform_merges_into_destinations_and_copies_outputs_back():
+    q, k, v = qkv(seed=7)
+    cfg = UniformConfig(ratio=1.0)
+    out = uniform_attention(q, k, v, LAYOUT, cfg)
+    assert out.shape == q.shape
+    dst, src = partition(LAYOUT, cfg.cell, cfg.destination_seed, "cpu")
+    prot = torch.nonzero(LAYOUT.protected_mask()).flatten()
+    assert torch.isin(prot, dst).all()  # protected tokens are destinations, never sources
+    assert not torch.isin(src, prot).any()
+    assert dst.numel() + src.numel() == LAYOUT.num_tokens and torch.cat((dst, src)).unique().numel() == LAYOUT.num_tokens
+    assert uniform_sizes(LAYOUT, cfg) == dst.numel()
+    # every source's output equals one destination's output (unmerge by copy)
+    for s in src[:20]:
+        diff = (out[0, :, dst] - out[0, :, s][:, None]).abs().amax(dim=(0, 2))
+        assert float(diff.min()) == 0.0
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = qkv()
+    op = build_op("spark3r", 2)
+    with pytest.raises(ValueError, match="tokens"):
+        op(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], LAYOUT)
+    with pytest.raises(ValueError, match="3-D|4-D"):
+        op(q[0], k[0], v[0], LAYOUT)
+    with pytest.raises(ValueError, match="query_keep"):
+        Spark3RConfig(query_keep=5)
+    with pytest.raises(ValueError, match="ratio"):
+        UniformConfig(ratio=1.5)
+    with pytest.raises(TypeError, match="no parameter"):
+        build_op("spark3r", 2, ratio=0.5)
+    with pytest.raises(ValueError, match="unknown reduction method"):
+        build_op("nope", 2)
+    bad_layers = TokenLayout(4, 40, 5, (5, 7), 1, layer=0, num_layers=3)
+    with pytest.raises(ValueError, match="layers"):
+        op(q, k, v, bad_layers)
+    with pytest.raises(ValueError, match="budget"):
+        prune_kv(q.mean(2), k, v, LAYOUT, 0)
