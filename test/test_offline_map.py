@@ -248,6 +248,38 @@ def test_ctrl_c_leaves_valid_partial_outputs(bench, tmp_path, how):
     assert not list(tmp_path.glob(".partial*"))  # no staging directory left behind
 
 
+class _CtrlCTwiceInWindow:
+    """Backbone wrapper: during its third window the user presses Ctrl-C twice."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def predict(self, window):
+        self.calls += 1
+        if self.calls == 3:
+            signal.raise_signal(signal.SIGINT)  # first: stop after this frame
+            signal.raise_signal(signal.SIGINT)  # second: stop now, inside the window
+        return self.inner.predict(window)
+
+    def forget(self, ids):
+        self.inner.forget(ids)
+
+    def reset(self):
+        self.inner.reset()
+
+
+def test_second_ctrl_c_inside_a_window_still_leaves_consistent_outputs(bench, tmp_path):
+    gt = load_tum_ground_truth(bench["tum"])
+    out = tmp_path / "twice"
+    report = run_map(open_input(bench["bag"]), out, mapper_config(), _CtrlCTwiceInWindow(GroundTruthBackbone(gt)))
+    assert report["interrupted"] and not report["complete"]
+    assert report["mapper_stats"]["windows_mapped"] == 2  # the interrupted third window is not in the outputs
+    stamps, _ = read_tum_trajectory(out / "trajectory.tum")
+    conns, msgs = _read_bag(out / "mapping.bag")
+    listing = json.loads((out / "keyframes.json").read_text())["keyframes"]
+    assert len(stamps) == len(msgs["/tf"]) == len(listing) == report["keyframes_mapped"] > 0
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

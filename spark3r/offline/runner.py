@@ -155,7 +155,9 @@ class _StopFlag:
 @contextmanager
 def _graceful_interrupt() -> Iterator[_StopFlag]:
     """The first Ctrl-C asks the loop to stop after the current frame (so no message or file is
-    cut in half); a second one raises KeyboardInterrupt as usual."""
+    cut in half); a second one raises KeyboardInterrupt at once (e.g. inside a long window): the
+    loop still writes partial outputs, but one that lands while the outputs are being finished
+    aborts the run and leaves nothing."""
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -165,7 +167,8 @@ def _graceful_interrupt() -> Iterator[_StopFlag]:
         if flag.requested:
             raise KeyboardInterrupt
         flag.requested = True
-        log.warning("Ctrl-C: finishing the current frame, then writing partial outputs (Ctrl-C again to abort)")
+        log.warning("Ctrl-C: finishing the current frame, then writing partial outputs "
+                    "(Ctrl-C again: stop without waiting for the running window)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
