@@ -209,3 +209,16 @@ def test_stream_bench_cache_matches_naive_dense_and_reports_per_keyframe_cost():
     assert 0 < pipes["uniform"]["depth_median_rel_diff_vs_naive"] < 0.5
     with pytest.raises(ValueError, match="stride"):
         StreamBenchConfig(window=4, stride=4)
+
+
+def test_bench_stream_flag_runs_the_stream_bench(tmp_path, capsys):
+    from spark3r.cli import main
+
+    out = tmp_path / "stream.json"
+    code = main(["bench", "--stream", "--window", "3", "--stride", "1", "--stream-windows", "1", "--image-width", "28",
+                 "--methods", "dense", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["config"]["window"] == 3 and set(result["pipelines"]) == {"naive-dense", "dense"}
+    assert main(["bench", "--stream", "--window", "3", "--stride", "3"]) == 2  # stride must be < window

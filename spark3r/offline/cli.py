@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TEST DOUBLE instead of a model: answer windows with this TUM folder's ground truth")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="mapper parameter (same names as the ROS node), repeatable, e.g. --param window_size=8")
-    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--no-progress", action="store_true", help="no progress line (it is shown only on a terminal anyway)")
 
 
 def build_backbone(args) -> tuple[object, dict]:
@@ -94,7 +94,8 @@ def run(args) -> int:
 
             backbone = ModelBackbone.from_config(backbone, config.window.window_size, config.window.window_stride)
         report = run_map(source, args.out, config, backbone, backbone_info=info, overwrite=args.overwrite,
-                         progress=None if args.no_progress else sys.stderr, max_frames=args.max_frames)
+                         progress=None if args.no_progress or not sys.stderr.isatty() else sys.stderr,
+                         max_frames=args.max_frames)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"spark3r map: error: {exc}", file=sys.stderr)
         return 2
