@@ -2,6 +2,7 @@
 the mcap output read by rosbags / mcap / rclpy, every input kind, Ctrl-C partial outputs and bad
 input (unreadable bag, missing topic, mixed sizes, corrupt frames, zero frames)."""
 import glob
+import io
 import json
 import signal
 from pathlib import Path
@@ -181,8 +182,11 @@ def test_tum_folder_and_image_folder_inputs_map_like_the_bag(bench, gt_run, tmp_
     for name, path in (("tum", bench["tum"]), ("images", images)):
         source = open_input(path)
         assert source.kind == name
-        report = run_map(source, tmp_path / f"out_{name}", mapper_config(), GroundTruthBackbone(gt))
+        progress = io.StringIO()
+        report = run_map(source, tmp_path / f"out_{name}", mapper_config(), GroundTruthBackbone(gt), progress=progress)
         assert report["complete"] and report["input"]["frames_read"] == 40
+        last_line = progress.getvalue().rstrip("\n").split("\r")[-1]
+        assert f"frames 40/40 | keyframes {report['mapper_stats']['keyframes']} | windows {len(report['windows'])}/" in last_line
         stamps, _ = read_tum_trajectory(tmp_path / f"out_{name}" / "trajectory.tum")
         assert np.array_equal(stamps, reference)  # same frames, same keyframes, same stamps
 
