@@ -47,7 +47,7 @@ from tf2_msgs.msg import TFMessage
 from spark3r.geometry import invert_rigid
 from spark3r.mapping import BackboneConfig, Frame, Mapper, MapperConfig, WindowResult
 from spark3r.mapping.config import KeyframeConfig, MapConfig, WindowConfig, parameter_docs
-from spark3r.mapping.keyframes import REJECT_BAD_IMAGE
+from spark3r.mapping.keyframes import REJECT_BAD_IMAGE, REJECT_IMAGE_SIZE
 from spark3r_ros.conversions import (camera_info_to_intrinsics, cloud_to_msg, compressed_to_rgb, image_to_rgb,
                                      matrix_to_pose, matrix_to_transform, ns_to_time, time_to_ns)
 from spark3r_ros.odom_tf_buffer import OdomTfBuffer
@@ -268,6 +268,7 @@ class MappingNode(Node):
         self._static_tf = StaticTransformCache()
         self._camera_info: Optional[tuple[np.ndarray, int, int]] = None  # (K, width, height)
         self._applied_extrinsic: Optional[tuple[str, bytes]] = None
+        self._warned_no_camera_info = False
         self._last_stamp_ns: Optional[int] = None
         self._latest_stamp_ns = 0
         self._last_base_pose: Optional[tuple[int, np.ndarray]] = None
@@ -430,8 +431,16 @@ class MappingNode(Node):
         decision = self.mapper.offer(Frame(rgb, stamp_ns, self._intrinsics_for(rgb.shape)))
         if decision.reason == REJECT_BAD_IMAGE:
             self._count("frames_rejected_bad_image", f"image rejected: {decision.detail}")
+        elif decision.reason == REJECT_IMAGE_SIZE:
+            self._throttle.warn("image_size", f"image rejected: {decision.detail}; call ~/reset to start a new map "
+                                              "at the new size")
         while not self._stop.is_set():
+            nonfinite_before = self.mapper.stats.nonfinite_depth_pixels
             result = self.mapper.process_pending()
+            nonfinite = self.mapper.stats.nonfinite_depth_pixels - nonfinite_before
+            if nonfinite:
+                self._throttle.warn("nonfinite_depth", f"the backbone returned {nonfinite} NaN/inf depth values in the "
+                                                       "last window; they are not mapped (counted as nonfinite_depth_pixels)")
             if result is None:
                 break
             self._publish_window(result)
@@ -466,6 +475,10 @@ class MappingNode(Node):
     def _intrinsics_for(self, image_shape) -> Optional[np.ndarray]:
         info = self._camera_info
         if info is None:
+            if self.values["use_camera_info_intrinsics"] and not self._warned_no_camera_info:
+                self._warned_no_camera_info = True
+                self.get_logger().warning("no camera_info received (yet): using the backbone's predicted intrinsics "
+                                          "(counted as frames_missing_intrinsics)")
             return None
         K, width, height = info
         if (height, width) != tuple(image_shape[:2]):

@@ -122,7 +122,7 @@ def run(ros_context, tmp_path_factory):
         assert spin_until(node, lambda: len(rec.messages["path"]) > n_path and len(rec.messages["map"]) > n_map, 10.0, proc)
         out.after_reset = snapshot(rec)
         out.alive = proc.running()
-        out.log = proc.log_text()
+        out.log = proc.log_text(tail_chars=10**7)
     out.exit_code = proc.popen.returncode
     node.destroy_node()
     return out
