@@ -91,6 +91,11 @@ def stream(node, args, seq) -> int:
         if time.monotonic() > deadline:
             raise SystemExit(f"no subscriber matched {topic} within {args.match_timeout} s")
         time.sleep(0.02)
+    # Give the latched extrinsic a head start on the images (a mapper that listens to
+    # /tf_static has matched by now; transient-local delivers it right after matching).
+    while tf_pub.get_subscription_count() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
     sent = 0
     start = time.monotonic()
     for _ in range(args.repeat):

@@ -194,3 +194,14 @@ def test_reduction_schedule_file_reaches_the_model(ros_context, tmp_path):
         assert node.diagnostics_values()["backbone_error"] == node.backbone_error
     finally:
         destroy(node)
+
+
+def test_frame_queue_is_bounded_and_drops_the_oldest():
+    from spark3r_ros.mapping_node import FrameQueue
+
+    q = FrameQueue(2)
+    assert [q.put(i) for i in range(4)] == [False, False, True, True]
+    assert q.dropped == 2 and len(q) == 2
+    assert [q.get(0.01), q.get(0.01), q.get(0.01)] == [2, 3, None]
+    with pytest.raises(ValueError, match="depth"):
+        FrameQueue(0)
