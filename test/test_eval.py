@@ -89,6 +89,11 @@ def test_rpe_sees_one_jump_once():
     est[4:, :3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     _, r = relative_pose_errors(est, gt, delta=1)
     assert r == pytest.approx([0, 0, 0, 10, 0], abs=1e-6)
+    # Tiny angles are exact too (no arccos precision floor of ~1e-6 degrees).
+    c, s = np.cos(np.radians(1e-7)), np.sin(np.radians(1e-7))
+    est[4:, :3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    _, r = relative_pose_errors(est, gt, delta=1)
+    assert r[3] == pytest.approx(1e-7, rel=1e-6) and r[2] == 0.0
     with pytest.raises(ValueError, match="delta"):
         relative_pose_errors(est, gt, delta=0)
 
@@ -222,3 +227,41 @@ def test_bench_stream_flag_runs_the_stream_bench(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == result
     assert result["config"]["window"] == 3 and set(result["pipelines"]) == {"naive-dense", "dense"}
     assert main(["bench", "--stream", "--window", "3", "--stride", "3"]) == 2  # stride must be < window
+
+
+def _small_rotation(rng, sigma_rad):
+    from scipy.spatial.transform import Rotation
+
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_rotvec(rng.normal(scale=sigma_rad, size=3)).as_matrix()
+    return T
+
+
+def test_agrees_with_evo_when_installed():
+    """Cross-check with evo (not a dependency; skipped unless importable)."""
+    metrics = pytest.importorskip("evo.core.metrics", reason="evo is not installed")
+    from evo.core import sync
+    from evo.core.trajectory import PoseTrajectory3D
+
+    rng = np.random.default_rng(0)
+    n = 40
+    gt = np.tile(np.eye(4), (n, 1, 1))
+    for i in range(n):
+        gt[i, :3, :3] = random_rotation(rng)
+        gt[i, :3, 3] = [3 * np.cos(i / 8), 2 * np.sin(i / 8), 0.1 * i]
+    est = Sim3(0.4, random_rotation(rng), np.array([1.0, 2.0, 3.0])).apply_to_poses(gt)
+    est[:, :3, 3] += rng.normal(scale=0.05, size=(n, 3))
+    for pose in est:  # small rotation noise too, so the rotation RPE is not just rounding
+        pose[:3, :3] = pose[:3, :3] @ Sim3.from_matrix(_small_rotation(rng, 0.02)).R
+    stamps_s = 1e9 + 0.1 * np.arange(n)
+    stamps_ns = np.round(stamps_s * 1e9).astype(np.int64)
+    ref, other = sync.associate_trajectories(PoseTrajectory3D(poses_se3=list(gt), timestamps=stamps_s),
+                                             PoseTrajectory3D(poses_se3=list(est), timestamps=stamps_s + 0.003), max_diff=0.01)
+    other.align(ref, correct_scale=True)
+    ape = metrics.APE(metrics.PoseRelation.translation_part)
+    ape.process_data((ref, other))
+    rpe = metrics.RPE(metrics.PoseRelation.rotation_angle_deg, delta=1, delta_unit=metrics.Unit.frames)
+    rpe.process_data((ref, other))
+    mine = evaluate_trajectory(stamps_ns + 3 * MS, est, stamps_ns, gt, alignment="sim3", max_diff_ns=10 * MS).summary()
+    assert mine["ate_m"]["rmse"] == pytest.approx(ape.get_statistic(metrics.StatisticsType.rmse), rel=1e-9)
+    assert mine["rpe"]["rotation_deg"]["rmse"] == pytest.approx(rpe.get_statistic(metrics.StatisticsType.rmse), rel=1e-9)

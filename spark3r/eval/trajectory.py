@@ -65,8 +65,11 @@ def align(est_poses: np.ndarray, gt_poses: np.ndarray, method: str = "sim3") -> 
 
 
 def _rotation_angle_deg(R: np.ndarray) -> np.ndarray:
+    # atan2(sin, cos) stays accurate near 0 and 180 degrees, where arccos(cos) loses half the digits.
     cos = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    skew = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], axis=-1)
+    sin = np.linalg.norm(skew, axis=-1) / 2.0
+    return np.degrees(np.arctan2(sin, cos))
 
 
 def error_stats(errors: np.ndarray) -> dict:
