@@ -308,6 +308,11 @@ def test_bad_inputs_give_clear_errors_and_no_output(bench, tmp_path, capsys):
     assert code == 2 and "expected sensor_msgs/msg/Image" in err
     code, err = _run_cli([str(bench["bag"]), "--out", str(out), "--param", "window_size=1"] + gt_args, capsys)
     assert code == 2 and "window_size" in err
+    code, err = _run_cli([str(bench["bag"]), "--out", str(out), "--reduction", "uniform", "--reduction-schedule", "s.json"],
+                         capsys)
+    assert code == 2 and "only used by --reduction spark3r" in err
+    code, err = _run_cli([str(bench["bag"]), "--out", str(out), "--reduction-params", "[1]"], capsys)
+    assert code == 2 and "must be a JSON object" in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     # An existing output is never overwritten by accident.
     out.mkdir()

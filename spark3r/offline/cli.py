@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="", help="weights file / directory / hub id, or 'seeded' (test weights)")
     p.add_argument("--reduction", default="dense", help="global-attention token reduction (dense, uniform, spark3r, ...)")
     p.add_argument("--reduction-params", default="{}", help="JSON keyword parameters of the reduction method")
+    p.add_argument("--reduction-schedule", default="",
+                   help="Spark3R key/value schedule JSON file (reduction spark3r; as the node's reduction_schedule)")
+    p.add_argument("--cache-max-frames", type=int, default=0,
+                   help="patch-embedding cache capacity in keyframes (0 = window_size + window_stride)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--image-width", type=int, default=518, help="network input width (multiple of 14)")
@@ -71,8 +75,15 @@ def build_backbone(args) -> tuple[object, dict]:
         reduction_params = json.loads(args.reduction_params)
     except json.JSONDecodeError as exc:
         raise ValueError(f"--reduction-params must be a JSON object, got {args.reduction_params!r}: {exc}") from None
+    if not isinstance(reduction_params, dict):
+        raise ValueError(f"--reduction-params must be a JSON object, got {args.reduction_params!r}")
+    if args.reduction_schedule:
+        if args.reduction != "spark3r":
+            raise ValueError(f"--reduction-schedule is only used by --reduction spark3r, got --reduction {args.reduction}")
+        reduction_params["schedule"] = str(Path(args.reduction_schedule).expanduser())
     cfg = BackboneConfig(backbone=args.backbone, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
-                         reduction=args.reduction, reduction_params=reduction_params, image_width=args.image_width)
+                         reduction=args.reduction, reduction_params=reduction_params, image_width=args.image_width,
+                         cache_max_frames=args.cache_max_frames)
     return cfg, {"type": "ModelBackbone", "backbone": cfg.backbone, "checkpoint": cfg.checkpoint, "reduction": cfg.reduction,
                  "reduction_params": cfg.reduction_params, "image_width": cfg.image_width, "device": cfg.device,
                  "dtype": cfg.dtype}
