@@ -122,7 +122,9 @@ def test_mcap_output_is_readable_by_rosbags_mcap_and_rclpy(gt_run, bench):
         "/tf": "tf2_msgs/msg/TFMessage", "/tf_static": "tf2_msgs/msg/TFMessage",
         "/spark3r_mapping/odometry": "nav_msgs/msg/Odometry", "/spark3r_mapping/path": "nav_msgs/msg/Path",
         "/spark3r_mapping/cloud": "sensor_msgs/msg/PointCloud2", "/spark3r_mapping/map": "sensor_msgs/msg/PointCloud2"}
-    assert conns["/tf_static"].ext.offered_qos_profiles[0].durability.name == "TRANSIENT_LOCAL"
+    for topic in ("/tf_static", "/spark3r_mapping/path", "/spark3r_mapping/map"):  # latched
+        assert conns[topic].ext.offered_qos_profiles[0].durability.name == "TRANSIENT_LOCAL"
+    assert conns["/tf"].ext.offered_qos_profiles[0].durability.name == "VOLATILE"
     assert len(msgs["/tf"]) == len(msgs["/spark3r_mapping/odometry"]) == n
     assert len(msgs["/spark3r_mapping/path"]) == len(msgs["/spark3r_mapping/cloud"]) == len(report["windows"])
     assert len(msgs["/spark3r_mapping/path"][-1][2].poses) == n

@@ -58,9 +58,9 @@ class MapBagWriter:
         self._tf = add(TF_TOPIC, TF_TYPE)
         self._tf_static = add(TF_STATIC_TOPIC, TF_TYPE, [_qos(transient_local=True, depth=1)])
         self._odometry = add(ODOMETRY_TOPIC, ODOMETRY_TYPE)
-        self._path = add(PATH_TOPIC, PATH_TYPE)
+        self._path = add(PATH_TOPIC, PATH_TYPE, [_qos(transient_local=True, depth=1)])  # latched, as the node's
         self._cloud = add(CLOUD_TOPIC, CLOUD_TYPE)
-        self._map = add(MAP_TOPIC, CLOUD_TYPE, [_qos(transient_local=True, depth=1)])
+        self._map = add(MAP_TOPIC, CLOUD_TYPE, [_qos(transient_local=True, depth=1)])  # latched, as the node's
         self._path_poses: list = []
         self.messages = 0
 
