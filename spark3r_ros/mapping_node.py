@@ -269,6 +269,7 @@ class MappingNode(Node):
         self._camera_info: Optional[tuple[np.ndarray, int, int]] = None  # (K, width, height)
         self._applied_extrinsic: Optional[tuple[str, bytes]] = None
         self._warned_no_camera_info = False
+        self._resets = 0  # ~/reset calls; the worker drops a window result that straddles one
         self._last_stamp_ns: Optional[int] = None
         self._latest_stamp_ns = 0
         self._last_base_pose: Optional[tuple[int, np.ndarray]] = None
@@ -370,6 +371,7 @@ class MappingNode(Node):
             response.success = False
             response.message = f"backbone not loaded ({self.backbone_error}); a reset cannot fix that, restart the node"
             return response
+        self._resets += 1
         self._queue.clear()
         self.mapper.reset()
         self._clear_outputs()
@@ -436,6 +438,7 @@ class MappingNode(Node):
                                               "at the new size")
         while not self._stop.is_set():
             nonfinite_before = self.mapper.stats.nonfinite_depth_pixels
+            resets_before = self._resets
             result = self.mapper.process_pending()
             nonfinite = self.mapper.stats.nonfinite_depth_pixels - nonfinite_before
             if nonfinite:
@@ -443,6 +446,8 @@ class MappingNode(Node):
                                                        "last window; they are not mapped (counted as nonfinite_depth_pixels)")
             if result is None:
                 break
+            if self._resets != resets_before:
+                continue  # ~/reset arrived while this window was integrated: it belongs to the old map
             self._publish_window(result)
 
     def _on_time_backwards(self, stamp_ns: int) -> None:
@@ -504,8 +509,9 @@ class MappingNode(Node):
             self._publish_window_locked(result)
 
     def _publish_window_locked(self, result: WindowResult) -> None:
-        if result.starts_map and self._path:  # the mapper restarted the map (tracking lost)
+        if result.starts_map:  # a new map (first window, or the mapper lost tracking): no history
             self._path.clear()
+            self._last_base_pose = None
         tf_out = []
         own_odometry = self.values["publish_odom_to_base_tf"]
         for kf in result.keyframes:
