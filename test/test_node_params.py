@@ -205,3 +205,12 @@ def test_frame_queue_is_bounded_and_drops_the_oldest():
     assert [q.get(0.01), q.get(0.01), q.get(0.01)] == [2, 3, None]
     with pytest.raises(ValueError, match="depth"):
         FrameQueue(0)
+
+
+def test_readme_parameter_table_lists_every_parameter():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Parameters", 1)[1].split("\n### ", 1)[0]
+    names = re.findall(r"^\| `([a-z_0-9]+)` \|", section, flags=re.MULTILINE)
+    assert len(names) == len(set(names)) and set(names) == set(all_parameter_docs())
