@@ -27,12 +27,35 @@ def seeded_v1(name: str, shape: Iterable[int]) -> torch.Tensor:
     return 0.1 * z
 
 
+# Entries the rule leaves at their constructor default (golden README §1.1): π3's persistent
+# ImageNet normalisation buffers.
+KEPT_AT_DEFAULT = {
+    "image_mean": (0.485, 0.456, 0.406),
+    "image_std": (0.229, 0.224, 0.225),
+}
+
+
+def _default_value(name: str, shape) -> torch.Tensor:
+    return torch.tensor(KEPT_AT_DEFAULT[name], dtype=torch.float32).reshape(tuple(shape))
+
+
 def seeded_v1_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """seeded-v1 values for every floating entry of ``model.state_dict()`` (others kept), cast to
-    each entry's dtype and device."""
+    each entry's dtype and device. A tensor listed under several names (tied modules, e.g. DA3's
+    shared ``output_conv2_aux`` LayerNorm) takes its value from its first name under every name;
+    the exceptions in ``KEPT_AT_DEFAULT`` keep their constructor defaults."""
+    from spark3r.models.checkpoints import tied_state_dict_names
+
+    aliases = tied_state_dict_names(model)
     out = {}
     for name, t in model.state_dict().items():
-        out[name] = seeded_v1(name, t.shape).to(device=t.device, dtype=t.dtype) if t.is_floating_point() else t
+        if not t.is_floating_point():
+            out[name] = t
+        elif name in aliases:
+            out[name] = out[aliases[name]]
+        else:
+            value = _default_value(name, t.shape) if name in KEPT_AT_DEFAULT else seeded_v1(name, t.shape)
+            out[name] = value.to(device=t.device, dtype=t.dtype)
     return out
 
 

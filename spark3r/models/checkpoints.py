@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .registry import DEFAULT_SOURCES, build_model
+from .registry import DEFAULT_SOURCES, HF_MODEL_NAMES, build_model
 
 _WEIGHT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
 
@@ -182,6 +182,40 @@ def _check(model_shapes: dict[str, tuple], table: _Table, ignored_prefixes: tupl
     return skipped
 
 
+def tied_state_dict_names(model: nn.Module) -> dict[str, str]:
+    """``{alias: canonical}`` for state-dict entries that are the same tensor under several names
+    (a module shared by several parents, e.g. DA3's ``output_conv2_aux`` LayerNorm). The
+    canonical name is the first in state-dict order."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        key = id(tensor)
+        if key in first and first[key] != name:
+            aliases[name] = first[key]
+        else:
+            first.setdefault(key, name)
+    return aliases
+
+
+def _resolve_tied(table: _Table, aliases: dict[str, str]) -> _Table:
+    """Let a tied tensor load from any one of its names: the first name present (canonical name
+    first) provides the value; the other names are dropped from the table."""
+    if not aliases:
+        return table
+    groups: dict[str, list[str]] = {}
+    for alias, canonical in aliases.items():
+        groups.setdefault(canonical, [canonical]).append(alias)
+    table = dict(table)
+    for canonical, names in groups.items():
+        present = [n for n in names if n in table]
+        if present:
+            table[canonical] = table[present[0]]
+        for n in names[1:]:
+            table.pop(n, None)
+    return table
+
+
 def _named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
     """state-dict name -> (owning module, attribute name, tensor), for parameters and persistent buffers."""
     out = {}
@@ -224,7 +258,7 @@ def load_weights(
     for label, value in (("dtype", dtype), ("head_dtype", head_dtype)):
         if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
             raise TypeError(f"{label} must be a floating torch.dtype, got {value!r}")
-    table = _open_source(source)
+    table = _resolve_tied(_open_source(source), tied_state_dict_names(model))
     targets = _named_tensors(model)
     model_shapes = {k: tuple(t.shape) for k, (_, _, t) in targets.items()}
     ignored = model.disabled_head_prefixes() if hasattr(model, "disabled_head_prefixes") else ()
@@ -272,15 +306,44 @@ def _is_head_entry(name: str) -> bool:
     return name.split(".", 1)[0].endswith("_head")
 
 
-def _check_hf_config(directory: Path, model: nn.Module) -> None:
-    """If a Hugging Face ``config.json`` names architecture numbers, they must match the preset."""
+def _read_hf_config(directory: Path) -> Optional[dict]:
     cfg_path = directory / "config.json"
-    if not cfg_path.is_file() or not hasattr(model, "config"):
-        return
+    if not cfg_path.is_file():
+        return None
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointReadError(f"cannot parse {cfg_path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointReadError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def preset_from_hf_config(directory) -> Optional[str]:
+    """The preset a Hugging Face checkpoint directory declares (DA3's ``config.json``
+    ``model_name``, e.g. ``"da3-large"``), or None when it declares none. An unknown
+    ``model_name`` is an error (not silently some other architecture)."""
+    cfg = _read_hf_config(Path(directory).expanduser())
+    name = (cfg or {}).get("model_name")
+    if name is None:
+        return None
+    if name not in HF_MODEL_NAMES:
+        raise CheckpointReadError(
+            f"config.json model_name {name!r} has no spark3r preset; supported: {sorted(HF_MODEL_NAMES)}"
+        )
+    return HF_MODEL_NAMES[name]
+
+
+def _check_hf_config(directory: Path, model: nn.Module) -> None:
+    """If a Hugging Face ``config.json`` names architecture numbers or a DA3 ``model_name``,
+    they must match the preset."""
+    cfg = _read_hf_config(directory)
+    if cfg is None or not hasattr(model, "config"):
+        return
+    declared = preset_from_hf_config(directory)
+    preset = getattr(model, "preset", None)
+    if declared is not None and preset is not None and declared != preset:
+        raise CheckpointMismatchError([], [], [("config.json:model_name", (declared,), (preset,))])
     for key in ("embed_dim", "patch_size", "img_size"):
         if key in cfg and hasattr(model.config, key) and cfg[key] != getattr(model.config, key):
             raise CheckpointMismatchError(
@@ -289,7 +352,7 @@ def _check_hf_config(directory: Path, model: nn.Module) -> None:
 
 
 def load_pretrained(
-    preset: str,
+    preset: Optional[str],
     source=None,
     *,
     device="cpu",
@@ -299,10 +362,19 @@ def load_pretrained(
 ) -> nn.Module:
     """Build ``preset`` on the meta device and load ``source`` (default: the preset's hub repo).
 
+    ``preset=None`` takes the preset from the checkpoint directory's ``config.json`` (DA3's
+    ``model_name``); a declared ``model_name`` that contradicts ``preset`` is refused.
+
     Peak memory is one copy of the weights in ``dtype``. On CUDA use ``dtype=torch.bfloat16``
     (or float16), optionally with ``head_dtype=torch.float32`` like the official inference. ``overrides`` go to :func:`build_model`
     (e.g. ``enable_point=False``; that head's checkpoint entries are then skipped).
     """
+    if preset is None:
+        directory = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
+        preset = preset_from_hf_config(directory) if directory is not None and directory.is_dir() else None
+        if preset is None:
+            raise ValueError("preset=None needs a checkpoint directory whose config.json names the model "
+                             "(DA3 'model_name'); pass a preset otherwise")
     if source is None:
         source = DEFAULT_SOURCES.get(preset)
         if source is None:

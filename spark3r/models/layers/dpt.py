@@ -59,25 +59,29 @@ def uv_grid(width: int, height: int, aspect_ratio: float, dtype=None, device=Non
     return torch.stack((uu, vv), dim=-1)
 
 
-def sincos_embed_1d(pos: torch.Tensor, dim: int, omega_0: float = 100.0) -> torch.Tensor:
-    """``[M]`` -> ``[M, dim]`` = ``[sin(pos*w), cos(pos*w)]``; frequencies in float64 like the original."""
+def sincos_embed_1d(pos: torch.Tensor, dim: int, omega_0: float = 100.0, float64: bool = True) -> torch.Tensor:
+    """``[M]`` -> ``[M, dim]`` = ``[sin(pos*w), cos(pos*w)]``.
+
+    ``float64``: frequencies and angles in double precision (VGGT's head); DA3 computes them in
+    float32, which differs in the last bits, so its heads pass False."""
     # MPS has no float64; everywhere else the frequencies (and the product) are double precision.
-    ftype = torch.float32 if pos.device.type == "mps" else torch.float64
+    ftype = torch.float32 if pos.device.type == "mps" or not float64 else torch.float64
     omega = torch.arange(dim // 2, dtype=ftype, device=pos.device) / (dim / 2.0)
     omega = 1.0 / omega_0**omega
     angles = pos.reshape(-1).to(ftype)[:, None] * omega[None]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
 
 
-def uv_embedding(height: int, width: int, channels: int, aspect_ratio: float, dtype, device) -> torch.Tensor:
+def uv_embedding(height: int, width: int, channels: int, aspect_ratio: float, dtype, device, float64: bool = True) -> torch.Tensor:
     """``[channels, height, width]``: first half of the channels encodes u, second half v."""
     grid = uv_grid(width, height, aspect_ratio, dtype=dtype, device=device).reshape(-1, 2)
-    emb = torch.cat([sincos_embed_1d(grid[:, 0], channels // 2), sincos_embed_1d(grid[:, 1], channels // 2)], dim=-1)
+    half = channels // 2
+    emb = torch.cat([sincos_embed_1d(grid[:, 0], half, float64=float64), sincos_embed_1d(grid[:, 1], half, float64=float64)], dim=-1)
     return emb.reshape(height, width, channels).permute(2, 0, 1)
 
 
-def add_uv_embedding(x: torch.Tensor, image_w: int, image_h: int, ratio: float = 0.1) -> torch.Tensor:
-    emb = uv_embedding(x.shape[-2], x.shape[-1], x.shape[1], image_w / image_h, x.dtype, x.device)
+def add_uv_embedding(x: torch.Tensor, image_w: int, image_h: int, ratio: float = 0.1, float64: bool = True) -> torch.Tensor:
+    emb = uv_embedding(x.shape[-2], x.shape[-1], x.shape[1], image_w / image_h, x.dtype, x.device, float64)
     return x + (emb * ratio).to(x.dtype)[None]
 
 
@@ -148,6 +152,7 @@ class DPTHead(nn.Module):
         relu_skip: reproduce VGGT's relu'd residual skip (see module doc).
         frames_chunk: frames per chunk through the head (bounds peak memory; results identical).
         norm_eps: eps of the shared token LayerNorm.
+        uv_float64: build the UV embedding in float64 (VGGT) or float32 (DA3).
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class DPTHead(nn.Module):
         relu_skip: bool = True,
         frames_chunk: Optional[int] = 8,
         norm_eps: float = 1e-5,
+        uv_float64: bool = True,
     ) -> None:
         super().__init__()
         if len(out_channels) != 4 or len(layer_indices) != 4:
@@ -180,6 +186,7 @@ class DPTHead(nn.Module):
         self.down_ratio = down_ratio
         self.layer_indices = tuple(layer_indices)
         self.frames_chunk = frames_chunk
+        self.uv_float64 = uv_float64
 
         self.norm = nn.LayerNorm(dim_in, eps=norm_eps)
         self.projects = nn.ModuleList(nn.Conv2d(dim_in, oc, kernel_size=1) for oc in out_channels)
@@ -235,12 +242,12 @@ class DPTHead(nn.Module):
             x = x.permute(0, 2, 1).reshape(x.shape[0], x.shape[-1], rows, cols)
             x = self.projects[level](x)
             if self.pos_embed:
-                x = add_uv_embedding(x, w, h)
+                x = add_uv_embedding(x, w, h, float64=self.uv_float64)
             levels.append(self.resize_layers[level](x))
         out = self._fuse(levels)
         out = resize_bilinear(out, (int(rows * self.patch_size / self.down_ratio), int(cols * self.patch_size / self.down_ratio)))
         if self.pos_embed:
-            out = add_uv_embedding(out, w, h)
+            out = add_uv_embedding(out, w, h, float64=self.uv_float64)
         b = token_list[self.layer_indices[0]].shape[0]
         if self.feature_only:
             return out.reshape(b, stop - start, *out.shape[1:])

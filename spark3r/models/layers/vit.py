@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
+from .rope import RoPE2D
 
 
 class PatchEmbed(nn.Module):
@@ -67,6 +68,11 @@ class DinoViT(nn.Module):
 
     Defaults are those of the VGGT/π3 encoders: LayerNorm eps 1e-6, LayerScale init 1.0, no
     qk-norm and no RoPE, antialiased explicit-size position-embedding interpolation.
+
+    Depth-Anything-3 extends the ViT into a multi-view network: ``camera_token=True`` adds its
+    ``camera_token`` [1, 2, C] (reference view / other views), and blocks from
+    ``qk_norm_start`` / ``rope_start`` on get per-head qk LayerNorm / 2-D RoPE (the caller then
+    drives the blocks itself and passes positions).
     """
 
     def __init__(
@@ -88,6 +94,10 @@ class DinoViT(nn.Module):
         qkv_bias: bool = True,
         proj_bias: bool = True,
         ffn_bias: bool = True,
+        camera_token: bool = False,
+        qk_norm_start: Optional[int] = None,
+        rope_start: Optional[int] = None,
+        rope_freq: float = 100.0,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -98,6 +108,7 @@ class DinoViT(nn.Module):
         base_grid = img_size // patch_size
         # Own parameters first, in the official registration order (state-dict order).
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.camera_token = nn.Parameter(torch.zeros(1, 2, embed_dim)) if camera_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + base_grid * base_grid, embed_dim))
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
@@ -105,6 +116,7 @@ class DinoViT(nn.Module):
         # Unused at inference (masked-image training); kept so official checkpoints load strictly.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False) if with_mask_token else None
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.rope = RoPE2D(rope_freq) if rope_start is not None else None
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
@@ -116,8 +128,10 @@ class DinoViT(nn.Module):
                 norm_eps=norm_eps,
                 init_values=init_values,
                 ffn=ffn,
+                qk_norm=qk_norm_start is not None and i >= qk_norm_start,
+                rope=self.rope if rope_start is not None and i >= rope_start else None,
             )
-            for _ in range(depth)
+            for i in range(depth)
         )
         # DA3 pairs eps-1e-6 blocks with an eps-1e-5 final norm; VGGT/π3 use 1e-6 throughout.
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps if final_norm_eps is None else final_norm_eps)
