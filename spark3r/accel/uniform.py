@@ -55,6 +55,10 @@ def _partition(key: tuple, cell: tuple[int, int], seed: int, device: str) -> tup
     for _ in idx.frames:
         choice = torch.randint(0, 1 << 30, (len(cells),), generator=gen)
         picks.append([members[int(c) % len(members)] for members, c in zip(cells, choice)])
+    if ref is None and picks:
+        # Reference-free backbones (pi3) are permutation-equivariant; a per-frame draw would tie
+        # each frame's partition to its position, so every frame gets the same pattern.
+        picks = [picks[0]] * len(picks)
     if idx.frames:
         local = torch.tensor(picks, dtype=torch.long)  # [F, cells]
         chosen = idx.reducible.gather(1, local)
