@@ -140,20 +140,41 @@ def _rotation_angle_deg(r: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.arccos(cos))
 
 
-def fidelity(out: dict, ref: dict, image_hw: tuple[int, int]) -> dict:
-    """Errors of a model output vs the dense output (float64, averaged over frames/pixels)."""
-    res: dict[str, float] = {}
-    if "depth" in out and "depth" in ref:
-        d, dr = out["depth"].double(), ref["depth"].double()
-        res["depth_rel"] = float(((d - dr).abs() / dr.abs().clamp_min(1e-12)).mean())
-    if "world_points" in out and "world_points" in ref:
-        p, pr = out["world_points"].double(), ref["world_points"].double()
-        res["points_rel"] = float((p - pr).norm(dim=-1).mean() / pr.norm(dim=-1).mean().clamp_min(1e-12))
-    if "pose_enc" in out and "pose_enc" in ref:
-        from spark3r.models.camera import pose_encoding_to_extrinsics_intrinsics
+def _depth(out: dict):
+    """Depth from any backbone's outputs: VGGT/DA3 ``depth``, pi3 the z of ``local_points``."""
+    if "depth" in out:
+        return out["depth"]
+    return out["local_points"][..., 2] if "local_points" in out else None
 
-        e, _ = pose_encoding_to_extrinsics_intrinsics(out["pose_enc"].double(), image_hw)
-        er, _ = pose_encoding_to_extrinsics_intrinsics(ref["pose_enc"].double(), image_hw)
+
+def _extrinsics(out: dict, image_hw):
+    """World-to-camera ``[..., 3, 4]`` from VGGT ``pose_enc``, DA3 ``extrinsics`` or pi3
+    ``camera_poses`` (camera-to-world 4x4)."""
+    from spark3r.models.camera import invert_rigid, pose_encoding_to_extrinsics_intrinsics
+
+    if "pose_enc" in out and "extrinsics" not in out:
+        return pose_encoding_to_extrinsics_intrinsics(out["pose_enc"].double(), image_hw)[0]
+    if "extrinsics" in out:
+        return out["extrinsics"].double()
+    if "camera_poses" in out:
+        return invert_rigid(out["camera_poses"].double())[..., :3, :]
+    return None
+
+
+def fidelity(out: dict, ref: dict, image_hw: tuple[int, int]) -> dict:
+    """Errors of a model output vs the dense output (float64, averaged over frames/pixels);
+    understands the outputs of VGGT, pi3 and DA3."""
+    res: dict[str, float] = {}
+    d, dr = _depth(out), _depth(ref)
+    if d is not None and dr is not None:
+        d, dr = d.double(), dr.double()
+        res["depth_rel"] = float(((d - dr).abs() / dr.abs().clamp_min(1e-12)).mean())
+    points = "world_points" if "world_points" in out else "points"
+    if points in out and points in ref:
+        p, pr = out[points].double(), ref[points].double()
+        res["points_rel"] = float((p - pr).norm(dim=-1).mean() / pr.norm(dim=-1).mean().clamp_min(1e-12))
+    e, er = _extrinsics(out, image_hw), _extrinsics(ref, image_hw)
+    if e is not None and er is not None:
         rel = e[..., :3, :3] @ er[..., :3, :3].transpose(-1, -2)
         res["rotation_deg"] = float(_rotation_angle_deg(rel).mean())
         t, tr = e[..., :3, 3], er[..., :3, 3]
@@ -243,10 +264,11 @@ def config_from_preset(name: str, **overrides) -> BenchConfig:
 
 def _build_model(cfg: BenchConfig, device, dtype, meta: bool = False):
     from spark3r.models import build_model
+    from spark3r.models.registry import inference_overrides
 
     if meta:
-        return build_model(cfg.model, device="meta", enable_track=False)
-    model = build_model(cfg.model, device=device, enable_track=False)
+        return build_model(cfg.model, device="meta", **inference_overrides(cfg.model))
+    model = build_model(cfg.model, device=device, **inference_overrides(cfg.model))
     if cfg.checkpoint:
         from spark3r.models import load_weights
 
@@ -374,7 +396,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     def forward():
         if cfg.scope == "aggregator":
             tokens = model.encode_patches(images)
-            return {"aggregator": model.aggregator(tokens, (h // 14, w // 14))[-1]}
+            return {"aggregator": flops_mod.aggregate_fn(model)(tokens, (h // 14, w // 14))[-1]}
         return model(images)
 
     times: dict[str, list[float]] = {m: [] for m in cfg.methods}

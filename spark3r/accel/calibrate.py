@@ -142,10 +142,11 @@ def allocate(errors: list[dict], costs: list[dict], budget: float) -> list[float
 
 def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
     from spark3r.models import build_model
+    from spark3r.models.registry import inference_overrides
 
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
-    model = build_model(cfg.model, device=device, enable_track=False)
+    model = build_model(cfg.model, device=device, **inference_overrides(cfg.model))
     if cfg.checkpoint:
         from spark3r.models import load_weights
 

@@ -78,6 +78,13 @@ class _Recorder:
         return exact_attention(q, k, v, scale)
 
 
+def aggregate_fn(model: torch.nn.Module):
+    """The multi-view stage of a backbone: patch tokens ``[B, S, ...]`` + patch grid -> list of
+    layer outputs (VGGT: its ``aggregator``; pi3 / DA3: their ``aggregate`` method)."""
+    fn = getattr(model, "aggregate", None)
+    return fn if callable(fn) else model.aggregator
+
+
 def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
     """The same architecture on the meta device (via ``spark3r.models.build_model``)."""
     from spark3r.models import build_model
@@ -104,7 +111,7 @@ def _count(meta_model: torch.nn.Module, frames: int, height: int, width: int, sc
             if scope == "aggregator":
                 p = meta_model.config.patch_size
                 tokens = meta_model.encode_patches(images)
-                meta_model.aggregator(tokens, (height // p, width // p))
+                aggregate_fn(meta_model)(tokens, (height // p, width // p))
             else:
                 meta_model(images)
     finally:

@@ -144,6 +144,14 @@ def profile_keep(num_layers: int, profile: Sequence[tuple[float, float]] = _PROF
 _BACKBONES = {
     "vggt-1b": 24,
     "vggt-tiny": 4,
+    # pi3: the odd decoder blocks (18 of 36; 2 of 4 in the tiny golden configuration).
+    "pi3": 18,
+    "pi3-tiny": 2,
+    # DA3: odd backbone blocks from alt_start (small/base 5,7,9,11; large 9..23; giant 13..39).
+    "da3-small": 4,
+    "da3-base": 4,
+    "da3-large": 8,
+    "da3-giant": 14,
 }
 
 
