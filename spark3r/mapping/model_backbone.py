@@ -3,9 +3,9 @@
 ``ModelBackbone`` = model (preset + weights) + token reduction + preprocessing + a patch-embedding
 cache + a decoder that turns the model family's outputs into the mapper's one convention.
 
-Adding a model family (π3, DA3): write ``decode_<family>(outputs, geometry) -> Prediction`` and
-``register_decoder("<family>", decode_<family>)``; the family is the preset's prefix
-(``"vggt-1b"`` -> ``"vggt"``). Nothing else in the mapper changes.
+Model families: ``vggt``, ``pi3``, ``da3`` (the preset's prefix, ``"da3-small"`` -> ``"da3"``);
+each has a ``decode_<family>(outputs, geometry) -> Prediction`` registered with
+``register_decoder``. Nothing else in the mapper depends on the family.
 """
 from __future__ import annotations
 
@@ -112,6 +112,71 @@ def decode_vggt(outputs: dict, geometry: NetworkGeometry) -> Prediction:
 register_decoder("vggt", decode_vggt)
 
 
+def _c2w_from_w2c(w2c: np.ndarray) -> np.ndarray:
+    """``[S, 3, 4]`` camera-from-world -> ``[S, 4, 4]`` camera-to-world."""
+    R_t = np.swapaxes(w2c[:, :, :3], 1, 2)
+    c2w = np.tile(np.eye(4), (w2c.shape[0], 1, 1))
+    c2w[:, :3, :3] = R_t
+    c2w[:, :3, 3] = -np.einsum("sij,sj->si", R_t, w2c[:, :, 3])
+    return c2w
+
+
+def focal_from_local_points(local_points: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per frame, the focal length (pixels, one for both axes) that best explains a camera-frame
+    point map ``[S, h, w, 3]`` under a pinhole with the principal point at the image centre
+    (the convention of the other backbones' intrinsics): weighted least squares of
+    ``f * (x/z, y/z) = (u - w/2, v - h/2)`` over pixels in front of the camera. NaN when a frame
+    has no usable pixel."""
+    S, h, w, _ = local_points.shape
+    v, u = np.meshgrid(np.arange(h, dtype=np.float64) - h / 2, np.arange(w, dtype=np.float64) - w / 2, indexing="ij")
+    z = local_points[..., 2]
+    ok = np.isfinite(local_points).all(axis=-1) & (z > 1e-12) & np.isfinite(weights) & (weights > 0)
+    safe_z = np.where(ok, z, 1.0)
+    a = np.where(ok, local_points[..., 0] / safe_z, 0.0)
+    b = np.where(ok, local_points[..., 1] / safe_z, 0.0)
+    wt = np.where(ok, weights, 0.0)
+    num = (wt * (a * u + b * v)).sum(axis=(1, 2))
+    den = (wt * (a * a + b * b)).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        focal = num / den
+    return np.where(den > 0, focal, np.nan)
+
+
+def decode_pi3(outputs: dict, geometry: NetworkGeometry) -> Prediction:
+    """π3: ``camera_poses`` (camera-to-world, OpenCV, in an arbitrary frame per window — the
+    mapper's alignment absorbs it), depth = z of ``local_points``, confidence ``1 + exp(conf)``
+    (the raw logits mapped to the ``>= 1`` scale of the VGGT/DA3 heads, so ``conf_min`` means the
+    same for every backbone). π3 predicts no intrinsics: the focal length is fitted to the local
+    point map (:func:`focal_from_local_points`); camera_info's K replaces it when configured."""
+    c2w = outputs["camera_poses"][0].detach().to(torch.float64).cpu().numpy()
+    local = outputs["local_points"][0].detach().to(torch.float64).cpu().numpy()
+    logits = outputs["conf"][0, ..., 0].detach().to(torch.float64).cpu().numpy()
+    # exp overflows float32 beyond ~88; such pixels are certain anyway.
+    conf = 1.0 + np.exp(np.clip(logits, -60.0, 60.0))
+    focal = focal_from_local_points(local, 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0))))
+    h, w = geometry.network_hw
+    K_net = np.zeros((len(c2w), 3, 3))
+    K_net[:, 0, 0] = K_net[:, 1, 1] = focal
+    K_net[:, 0, 2], K_net[:, 1, 2], K_net[:, 2, 2] = w / 2, h / 2, 1.0
+    return Prediction(c2w=c2w, K=geometry.network_to_image_K(K_net), depth=local[..., 2].astype(np.float32),
+                      conf=conf.astype(np.float32), depth_box=geometry.box)
+
+
+def decode_da3(outputs: dict, geometry: NetworkGeometry) -> Prediction:
+    """Depth-Anything-3: ``extrinsics`` (world-to-camera 3x4, OpenCV; world = the reference
+    view's camera), ``intrinsics`` in network pixels, ``depth`` / ``depth_conf`` [S, h, w]."""
+    w2c = outputs["extrinsics"][0].detach().to(torch.float64).cpu().numpy()
+    K_net = outputs["intrinsics"][0].detach().to(torch.float64).cpu().numpy()
+    depth = outputs["depth"][0].detach().float().cpu().numpy()
+    conf = outputs["depth_conf"][0].detach().float().cpu().numpy()
+    return Prediction(c2w=_c2w_from_w2c(w2c), K=geometry.network_to_image_K(K_net), depth=depth, conf=conf,
+                      depth_box=geometry.box)
+
+
+register_decoder("pi3", decode_pi3)
+register_decoder("da3", decode_da3)
+
+
 def model_family(model) -> str:
     preset = getattr(model, "preset", None) or type(model).__name__
     return str(preset).lower().split("-")[0]
@@ -191,6 +256,7 @@ class ModelBackbone:
         """
         from .. import accel
         from ..models import build_model, load_pretrained
+        from ..models.registry import inference_overrides
         from ..seeded import load_seeded_v1
 
         if not isinstance(config, BackboneConfig):
@@ -203,12 +269,12 @@ class ModelBackbone:
         if config.checkpoint == "":
             raise ValueError("checkpoint is empty: give a weights file, directory or hub id "
                              "(or 'seeded' for deterministic test weights)")
+        lean = inference_overrides(config.backbone, outputs=("camera", "depth"))
         if config.checkpoint == "seeded":
-            model = load_seeded_v1(build_model(config.backbone, enable_point=False, enable_track=False))
+            model = load_seeded_v1(build_model(config.backbone, **lean))
             model = model.to(device=device, dtype=dtype)
         else:
-            model = load_pretrained(config.backbone, config.checkpoint, device=device, dtype=dtype,
-                                    enable_point=False, enable_track=False)
+            model = load_pretrained(config.backbone, config.checkpoint, device=device, dtype=dtype, **lean)
         if config.reduction != "dense" or config.reduction_params:
             accel.apply(model, config.reduction, **config.reduction_params)
         cache = config.cache_max_frames or (window_size + window_stride)
