@@ -21,7 +21,7 @@ from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Pose, TransformStamped
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 
-from spark3r.data import image_codec
+from spark3r.data import cloud_layout, image_codec
 from spark3r.geometry import RIGID_TOLERANCE, matrix_to_quat_xyzw, quat_xyzw_to_matrix, rigid_error
 
 _NS_PER_S = 1_000_000_000
@@ -146,23 +146,12 @@ _POINTFIELD_DTYPES = {
 
 
 def _point_fields(with_rgb: bool) -> list[PointField]:
-    fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1) for i, name in enumerate("xyz")]
-    if with_rgb:
-        # PCL/RViz convention: the packed 0x00RRGGBB bits are declared as a FLOAT32 field.
-        fields.append(PointField(name="rgb", offset=12, datatype=PointField.FLOAT32, count=1))
-    return fields
+    layout = cloud_layout.CLOUD_FIELDS if with_rgb else cloud_layout.XYZ_FIELDS
+    return [PointField(name=name, offset=offset, datatype=PointField.FLOAT32, count=1) for name, offset in layout]
 
 
-def pack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """``uint8 [N, 3]`` -> ``uint32 [N]`` packed as 0x00RRGGBB."""
-    rgb = rgb.astype(np.uint32, copy=False)
-    return (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
-
-
-def unpack_rgb(packed: np.ndarray) -> np.ndarray:
-    """``uint32 [N]`` 0x00RRGGBB (alpha byte ignored) -> ``uint8 [N, 3]``."""
-    packed = packed.astype(np.uint32, copy=False)
-    return np.stack([(packed >> 16) & 0xFF, (packed >> 8) & 0xFF, packed & 0xFF], axis=1).astype(np.uint8)
+pack_rgb = cloud_layout.pack_rgb
+unpack_rgb = cloud_layout.unpack_rgb
 
 
 def cloud_to_msg(xyz, rgb, stamp, frame_id: str) -> PointCloud2:
@@ -172,29 +161,9 @@ def cloud_to_msg(xyz, rgb, stamp, frame_id: str) -> PointCloud2:
     ``is_dense``. Layout: x, y, z float32 at offsets 0/4/8, and with colour ``rgb`` at offset
     12, point_step 16 (12 without colour), little-endian, height 1.
     """
-    xyz = np.asarray(xyz)
-    if not np.issubdtype(xyz.dtype, np.floating):
-        raise TypeError(f"xyz must be a floating point array, got {xyz.dtype}")
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ValueError(f"xyz must have shape [N, 3], got {xyz.shape}")
-    if rgb is not None:
-        rgb = np.asarray(rgb)
-        if rgb.dtype != np.uint8 or rgb.shape != xyz.shape:
-            raise ValueError(f"rgb must be uint8 [N, 3] matching xyz {xyz.shape}, got {rgb.dtype} {rgb.shape}")
     if not frame_id:
         raise ValueError("a point cloud needs a frame_id (e.g. 'map')")
-    finite = np.isfinite(xyz).all(axis=1)
-    xyz32 = np.ascontiguousarray(xyz[finite], dtype="<f4")
-    count = xyz32.shape[0]
-    if rgb is None:
-        payload = xyz32
-        point_step = 12
-    else:
-        # One uint32 word per field: the float bits of x, y, z and the packed colour.
-        payload = np.empty((count, 4), dtype="<u4")
-        payload[:, :3] = xyz32.view("<u4")
-        payload[:, 3] = pack_rgb(rgb[finite])
-        point_step = 16
+    payload, count, point_step = cloud_layout.cloud_payload(xyz, rgb)
     msg = PointCloud2()
     _set_header(msg, stamp, frame_id)
     msg.height, msg.width = 1, count

@@ -22,7 +22,7 @@ import numpy as np
 
 from spark3r.data.bag_io import TF_STATIC_TOPIC, TF_TYPE, _header, _qos, _typestore
 from spark3r.geometry import matrix_to_quat_xyzw
-from spark3r.offline.cloud_layout import CLOUD_FIELDS, POINT_STEP, POINTFIELD_FLOAT32, cloud_payload
+from spark3r.data.cloud_layout import CLOUD_FIELDS, POINTFIELD_FLOAT32, cloud_payload
 
 TF_TOPIC = "/tf"
 NODE_NAMESPACE = "/spark3r_mapping"
@@ -129,11 +129,11 @@ class MapBagWriter:
 
     def _cloud_msg(self, stamp_ns: int, xyz, rgb):
         t = self._ts.types
-        data, count = cloud_payload(xyz, rgb)
+        data, count, point_step = cloud_payload(xyz, rgb)
         fields = [t["sensor_msgs/msg/PointField"](name=name, offset=offset, datatype=POINTFIELD_FLOAT32, count=1)
                   for name, offset in CLOUD_FIELDS]
         return t[CLOUD_TYPE](header=_header(self._ts, stamp_ns, self.map_frame), height=1, width=count, fields=fields,
-                             is_bigendian=False, point_step=POINT_STEP, row_step=POINT_STEP * count, data=data,
+                             is_bigendian=False, point_step=point_step, row_step=point_step * count, data=data,
                              is_dense=True)
 
     def write_window_cloud(self, stamp_ns: int, xyz, rgb) -> None:
