@@ -72,10 +72,10 @@ class Replayer:
         from rclpy.qos import QoSProfile
         from rosgraph_msgs.msg import Clock
 
-        from spark3r.data.bag_io import _open_reader
+        from spark3r.data.bag_io import open_reader
 
         self.node, self.bag, self.rate, self.clock_hz = node, bag, float(rate), clock_hz
-        reader = _open_reader(bag)
+        reader = open_reader(bag)
         try:
             connections = list(reader.connections)
             self.start_ns, self.end_ns = reader.start_time, reader.end_time
@@ -117,9 +117,9 @@ class Replayer:
             time.sleep(min(period, wall_target - now))
 
     def play_once(self) -> int:
-        from spark3r.data.bag_io import _open_reader
+        from spark3r.data.bag_io import open_reader
 
-        reader = _open_reader(self.bag)
+        reader = open_reader(self.bag)
         try:
             wall_start = time.monotonic()
             for conn, bag_ns, raw in reader.messages(connections=self.connections):

@@ -36,13 +36,13 @@ TF_STATIC_TOPIC = "/tf_static"
 STORAGES = ("mcap", "sqlite3")
 
 
-def _typestore():
+def typestore():
     from rosbags.typesys import Stores, get_typestore
 
     return get_typestore(Stores.ROS2_KILTED)
 
 
-def _qos(transient_local: bool, depth: int):
+def qos_profile(transient_local: bool, depth: int):
     """One offered QoS profile in the form rosbag2 records (and `ros2 bag play` re-offers)."""
     from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 
@@ -60,7 +60,7 @@ def _qos(transient_local: bool, depth: int):
     )
 
 
-def _header(ts, stamp_ns: int, frame_id: str):
+def header_msg(ts, stamp_ns: int, frame_id: str):
     t = ts.types
     stamp = t["builtin_interfaces/msg/Time"](sec=int(stamp_ns // 10**9), nanosec=int(stamp_ns % 10**9))
     return t["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
@@ -72,7 +72,7 @@ def _camera_info_msg(ts, stamp_ns: int, frame_id: str, K: np.ndarray, height: in
     P[:, :3] = K
     roi = t["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
     return t[CAMERA_INFO_TYPE](
-        header=_header(ts, stamp_ns, frame_id), height=height, width=width, distortion_model="plumb_bob",
+        header=header_msg(ts, stamp_ns, frame_id), height=height, width=width, distortion_model="plumb_bob",
         d=np.zeros(5), k=K.reshape(-1).astype(np.float64), r=np.eye(3).reshape(-1), p=P.reshape(-1),
         binning_x=0, binning_y=0, roi=roi,
     )
@@ -87,7 +87,7 @@ def _tf_static_msg(ts, stamp_ns: int, parent: str, child: str, transform: np.nda
         rotation=t["geometry_msgs/msg/Quaternion"](x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])),
     )
     stamped = t["geometry_msgs/msg/TransformStamped"](
-        header=_header(ts, stamp_ns, parent), child_frame_id=child, transform=geometry)
+        header=header_msg(ts, stamp_ns, parent), child_frame_id=child, transform=geometry)
     return t[TF_TYPE](transforms=[stamped])
 
 
@@ -155,25 +155,25 @@ def write_sequence_bag(seq, path, storage: str = "mcap", image_topic: str = "/ca
             raise ValueError("write_tf_static needs seq.base_to_camera as a rigid 4x4 transform "
                              "(pose of the camera optical frame in base_link)")
 
-    ts = _typestore()
+    ts = typestore()
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     with atomic_directory(path, overwrite=overwrite) as staging:
         writer = Writer(staging, version=Writer.VERSION_LATEST, storage_plugin=plugin)
         writer.open()
         try:
-            sensor_qos = [_qos(transient_local=False, depth=10)]
+            sensor_qos = [qos_profile(transient_local=False, depth=10)]
             image_type = COMPRESSED_TYPE if compressed else IMAGE_TYPE
             image_conn = writer.add_connection(image_topic, image_type, typestore=ts, offered_qos_profiles=sensor_qos)
             info_conn = writer.add_connection(camera_info_topic, CAMERA_INFO_TYPE, typestore=ts,
                                               offered_qos_profiles=sensor_qos)
             if base_to_camera is not None:
                 tf_conn = writer.add_connection(TF_STATIC_TOPIC, TF_TYPE, typestore=ts,
-                                                offered_qos_profiles=[_qos(transient_local=True, depth=1)])
+                                                offered_qos_profiles=[qos_profile(transient_local=True, depth=1)])
                 tf_msg = _tf_static_msg(ts, int(stamps[0]), base_frame, camera_frame, base_to_camera)
                 writer.write(tf_conn, int(stamps[0]), ts.serialize_cdr(tf_msg, TF_TYPE))
             for stamp, rgb in zip(stamps, images):
                 stamp = int(stamp)
-                header = _header(ts, stamp, camera_frame)
+                header = header_msg(ts, stamp, camera_frame)
                 if compressed:
                     data, fmt = encode_compressed_image(rgb, compressed_format)
                     msg = ts.types[COMPRESSED_TYPE](header=header, format=fmt, data=np.frombuffer(data, np.uint8))
@@ -205,7 +205,7 @@ class BagCameraInfo(NamedTuple):
     stamp_ns: int
 
 
-def _open_reader(path):
+def open_reader(path):
     from rosbags.rosbag2 import Reader
 
     path = Path(path)
@@ -224,7 +224,7 @@ def _topics_of_types(reader, msgtypes: tuple[str, ...]) -> dict[str, str]:
     return {c.topic: c.msgtype for c in reader.connections if c.msgtype in msgtypes}
 
 
-def _pick_topic(reader, path, topic: str | None, msgtypes: tuple[str, ...], what: str) -> str | None:
+def pick_topic(reader, path, topic: str | None, msgtypes: tuple[str, ...], what: str) -> str | None:
     """The topic to read: ``topic`` checked against the bag, or the only one of ``msgtypes``."""
     candidates = _topics_of_types(reader, msgtypes)
     if topic is not None:
@@ -244,7 +244,7 @@ def _pick_topic(reader, path, topic: str | None, msgtypes: tuple[str, ...], what
     raise ValueError(f"bag {path} has several {what} topics {sorted(candidates)}; pass topic= to choose one")
 
 
-def _stamp_ns(header) -> int:
+def header_stamp_ns(header) -> int:
     return int(header.stamp.sec) * 10**9 + int(header.stamp.nanosec)
 
 
@@ -256,9 +256,9 @@ def iter_bag_images(path, topic: str | None = None) -> Iterator[tuple[int, np.nd
     the first ``next()``: FileNotFoundError / ValueError for a missing or unreadable bag, a
     missing topic, a topic of another type, or no image topic at all.
     """
-    reader = _open_reader(path)
+    reader = open_reader(path)
     try:
-        chosen = _pick_topic(reader, path, topic, (IMAGE_TYPE, COMPRESSED_TYPE), "image")
+        chosen = pick_topic(reader, path, topic, (IMAGE_TYPE, COMPRESSED_TYPE), "image")
         if chosen is None:
             topics = sorted(c.topic for c in reader.connections)
             raise ValueError(f"bag {path} has no sensor_msgs/Image or CompressedImage topic (topics: {topics})")
@@ -268,9 +268,9 @@ def iter_bag_images(path, topic: str | None = None) -> Iterator[tuple[int, np.nd
 
 
 def _decode_images(path, topic: str) -> Iterator[tuple[int, np.ndarray, str]]:
-    reader = _open_reader(path)
+    reader = open_reader(path)
     try:
-        ts = _typestore()
+        ts = typestore()
         connections = [c for c in reader.connections if c.topic == topic]
         for conn, _, raw in reader.messages(connections=connections):
             msg = ts.deserialize_cdr(raw, conn.msgtype)
@@ -278,7 +278,7 @@ def _decode_images(path, topic: str) -> Iterator[tuple[int, np.ndarray, str]]:
                 rgb = decode_raw_image(msg.data, msg.height, msg.width, msg.encoding, msg.step)
             else:
                 rgb = decode_compressed_image(msg.data, msg.format)
-            yield _stamp_ns(msg.header), rgb, msg.header.frame_id
+            yield header_stamp_ns(msg.header), rgb, msg.header.frame_id
     finally:
         reader.close()
 
@@ -286,12 +286,12 @@ def _decode_images(path, topic: str) -> Iterator[tuple[int, np.ndarray, str]]:
 def read_bag_camera_info(path, topic: str | None = None) -> BagCameraInfo | None:
     """Calibration from the first CameraInfo message, or None if the bag has no CameraInfo topic
     (only when ``topic`` is None; a named topic that is missing is an error)."""
-    reader = _open_reader(path)
+    reader = open_reader(path)
     try:
-        chosen = _pick_topic(reader, path, topic, (CAMERA_INFO_TYPE,), "CameraInfo")
+        chosen = pick_topic(reader, path, topic, (CAMERA_INFO_TYPE,), "CameraInfo")
         if chosen is None:
             return None
-        ts = _typestore()
+        ts = typestore()
         connections = [c for c in reader.connections if c.topic == chosen]
         for conn, _, raw in reader.messages(connections=connections):
             msg = ts.deserialize_cdr(raw, conn.msgtype)
@@ -300,7 +300,7 @@ def read_bag_camera_info(path, topic: str | None = None) -> BagCameraInfo | None
                 raise ValueError(f"CameraInfo on {chosen} in {path} has no calibration (K = {K.tolist()})")
             return BagCameraInfo(K=K, D=np.asarray(msg.d, dtype=np.float64), distortion_model=msg.distortion_model,
                                  width=int(msg.width), height=int(msg.height), frame_id=msg.header.frame_id,
-                                 stamp_ns=_stamp_ns(msg.header))
+                                 stamp_ns=header_stamp_ns(msg.header))
         raise ValueError(f"CameraInfo topic {chosen} in {path} has no messages")
     finally:
         reader.close()
@@ -310,7 +310,7 @@ def read_bag_tf_static(path, topic: str = TF_STATIC_TOPIC) -> dict[tuple[str, st
     """All static transforms in the bag: ``{(parent, child): 4x4 float64}`` where the matrix is
     the pose of ``child`` in ``parent`` (maps child coordinates to parent). Empty if the bag has
     no such topic; later messages override earlier ones for the same frame pair."""
-    reader = _open_reader(path)
+    reader = open_reader(path)
     try:
         connections = [c for c in reader.connections if c.topic == topic]
         if not connections:
@@ -318,7 +318,7 @@ def read_bag_tf_static(path, topic: str = TF_STATIC_TOPIC) -> dict[tuple[str, st
         wrong = {c.msgtype for c in connections} - {TF_TYPE}
         if wrong:
             raise ValueError(f"topic {topic!r} in bag {path} has type {sorted(wrong)}, expected {TF_TYPE}")
-        ts = _typestore()
+        ts = typestore()
         transforms: dict[tuple[str, str], np.ndarray] = {}
         for conn, _, raw in reader.messages(connections=connections):
             for tf in ts.deserialize_cdr(raw, conn.msgtype).transforms:

@@ -30,7 +30,7 @@ _NS_PER_S = 10**9
 # Atomic writes
 
 
-def _temp_sibling(path: Path) -> Path:
+def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
@@ -46,7 +46,7 @@ def atomic_write(path, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-    tmp = _temp_sibling(path)
+    tmp = temp_sibling(path)
     # os.open with 0o666 lets the umask decide permissions, like a plain open() would.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -76,7 +76,7 @@ def atomic_directory(path, overwrite: bool = False) -> Iterator[Path]:
         raise FileNotFoundError(f"cannot create {path}: directory {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    staging = _temp_sibling(path)
+    staging = temp_sibling(path)
     staging.mkdir()
     try:
         target = staging / path.name
@@ -418,7 +418,7 @@ class TumRgbdFrame(NamedTuple):
     depth: np.ndarray | None  # float32 [H,W] metres (0 = no depth), None without a close depth image
 
 
-def _read_file_list(path: Path) -> list[tuple[int, str]]:
+def read_file_list(path: Path) -> list[tuple[int, str]]:
     """``timestamp filename`` lines of rgb.txt / depth.txt ('#' comments allowed)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (not a TUM RGB-D folder?)")
@@ -456,8 +456,8 @@ def iter_tum_rgbd_folder(path, with_depth: bool = True, max_depth_offset_ns: int
     import cv2
 
     root = Path(path)
-    rgb_list = _read_file_list(root / "rgb.txt")
-    depth_list = _read_file_list(root / "depth.txt") if with_depth else []
+    rgb_list = read_file_list(root / "rgb.txt")
+    depth_list = read_file_list(root / "depth.txt") if with_depth else []
     depth_stamps = np.array([s for s, _ in depth_list], dtype=np.int64)
 
     def read(name: str, flags: int) -> np.ndarray:

@@ -48,10 +48,10 @@ def _ground_truth_trajectory(gt: Path) -> Path:
 def _depth_eval(keyframes_json: Path, gt_dir: Path, scale_mode: str, trajectory_scale: float, max_diff_ns: int) -> dict:
     import cv2
 
-    from spark3r.data.io import TUM_DEPTH_FACTOR, _read_file_list
+    from spark3r.data.io import TUM_DEPTH_FACTOR, read_file_list
 
     listing = json.loads(keyframes_json.read_text(encoding="utf-8"))["keyframes"]
-    depth_list = _read_file_list(gt_dir / "depth.txt")
+    depth_list = read_file_list(gt_dir / "depth.txt")
     gt_stamps = np.array([s for s, _ in depth_list], dtype=np.int64)
     scale = {"median": "median", "none": "none", "trajectory": trajectory_scale}[scale_mode]
     per_frame = []

@@ -143,9 +143,9 @@ def _open_bag(path: Path, topic: Optional[str], fps: float, camera_info_topic: O
     from spark3r.data import bag_io
     from spark3r.data.image_codec import decode_compressed_image, decode_raw_image
 
-    reader = bag_io._open_reader(path)
+    reader = bag_io.open_reader(path)
     try:
-        chosen = bag_io._pick_topic(reader, path, topic, (bag_io.IMAGE_TYPE, bag_io.COMPRESSED_TYPE), "image")
+        chosen = bag_io.pick_topic(reader, path, topic, (bag_io.IMAGE_TYPE, bag_io.COMPRESSED_TYPE), "image")
         if chosen is None:
             topics = sorted(f"{c.topic} ({c.msgtype})" for c in reader.connections)
             raise ValueError(f"bag {path} has no sensor_msgs/Image or CompressedImage topic; topics: {topics or 'none'}")
@@ -178,9 +178,9 @@ def _open_bag(path: Path, topic: Optional[str], fps: float, camera_info_topic: O
 def _bag_messages(path: Path, topic: str, decode_raw, decode_compressed) -> Iterator[tuple[int, Optional[np.ndarray]]]:
     from spark3r.data import bag_io
 
-    reader = bag_io._open_reader(path)
+    reader = bag_io.open_reader(path)
     try:
-        ts = bag_io._typestore()
+        ts = bag_io.typestore()
         connections = [c for c in reader.connections if c.topic == topic]
         for conn, bag_time, raw in reader.messages(connections=connections):
             try:
@@ -188,7 +188,7 @@ def _bag_messages(path: Path, topic: str, decode_raw, decode_compressed) -> Iter
             except Exception:  # a truncated or garbled message
                 yield int(bag_time), None
                 continue
-            stamp = bag_io._stamp_ns(msg.header)
+            stamp = bag_io.header_stamp_ns(msg.header)
             try:
                 if conn.msgtype == bag_io.IMAGE_TYPE:
                     rgb = decode_raw(msg.data, msg.height, msg.width, msg.encoding, msg.step)
@@ -212,9 +212,9 @@ def _read_rgb(file: Path) -> Optional[np.ndarray]:
 
 
 def _open_tum(path: Path, topic, fps: float, camera_info_topic) -> OfflineInput:
-    from spark3r.data.io import _read_file_list, read_tum_intrinsics
+    from spark3r.data.io import read_file_list, read_tum_intrinsics
 
-    entries = _read_file_list(path / "rgb.txt")
+    entries = read_file_list(path / "rgb.txt")
     if not entries:
         raise ValueError(f"{path / 'rgb.txt'} lists no images")
     source = OfflineInput("tum", path, read=lambda: ((s, _read_rgb(path / n)) for s, n in entries),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spark3r.data.bag_io import TF_STATIC_TOPIC, TF_TYPE, _header, _qos, _typestore
+from spark3r.data.bag_io import TF_STATIC_TOPIC, TF_TYPE, header_msg, qos_profile, typestore
 from spark3r.geometry import matrix_to_quat_xyzw
 from spark3r.data.cloud_layout import CLOUD_FIELDS, POINTFIELD_FLOAT32, cloud_payload
 
@@ -49,18 +49,18 @@ class MapBagWriter:
         self.path = Path(path)
         self.map_frame, self.odom_frame = map_frame, odom_frame
         self.base_frame, self.camera_frame = base_frame, camera_frame
-        self._ts = _typestore()
+        self._ts = typestore()
         self._writer = Writer(self.path, version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.MCAP)
         self._writer.open()
-        volatile = [_qos(transient_local=False, depth=10)]
+        volatile = [qos_profile(transient_local=False, depth=10)]
         add = lambda topic, msgtype, qos=volatile: self._writer.add_connection(  # noqa: E731
             topic, msgtype, typestore=self._ts, offered_qos_profiles=qos)
         self._tf = add(TF_TOPIC, TF_TYPE)
-        self._tf_static = add(TF_STATIC_TOPIC, TF_TYPE, [_qos(transient_local=True, depth=1)])
+        self._tf_static = add(TF_STATIC_TOPIC, TF_TYPE, [qos_profile(transient_local=True, depth=1)])
         self._odometry = add(ODOMETRY_TOPIC, ODOMETRY_TYPE)
-        self._path = add(PATH_TOPIC, PATH_TYPE, [_qos(transient_local=True, depth=1)])  # latched, as the node's
+        self._path = add(PATH_TOPIC, PATH_TYPE, [qos_profile(transient_local=True, depth=1)])  # latched, as the node's
         self._cloud = add(CLOUD_TOPIC, CLOUD_TYPE)
-        self._map = add(MAP_TOPIC, CLOUD_TYPE, [_qos(transient_local=True, depth=1)])  # latched, as the node's
+        self._map = add(MAP_TOPIC, CLOUD_TYPE, [qos_profile(transient_local=True, depth=1)])  # latched, as the node's
         self._path_poses: list = []
         self.messages = 0
 
@@ -98,7 +98,7 @@ class MapBagWriter:
         transform = t["geometry_msgs/msg/Transform"](
             translation=t["geometry_msgs/msg/Vector3"](x=pose.position.x, y=pose.position.y, z=pose.position.z),
             rotation=pose.orientation)
-        return t["geometry_msgs/msg/TransformStamped"](header=_header(self._ts, stamp_ns, parent),
+        return t["geometry_msgs/msg/TransformStamped"](header=header_msg(self._ts, stamp_ns, parent),
                                                        child_frame_id=child, transform=transform)
 
     def write_static(self, stamp_ns: int, base_to_camera: np.ndarray) -> None:
@@ -114,17 +114,17 @@ class MapBagWriter:
         self._write(self._tf, stamp_ns, tf, TF_TYPE)
         zero = t["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0)
         odom = t[ODOMETRY_TYPE](
-            header=_header(self._ts, stamp_ns, self.odom_frame), child_frame_id=self.base_frame,
+            header=header_msg(self._ts, stamp_ns, self.odom_frame), child_frame_id=self.base_frame,
             pose=t["geometry_msgs/msg/PoseWithCovariance"](pose=self._pose(base_to_map), covariance=np.zeros(36)),
             twist=t["geometry_msgs/msg/TwistWithCovariance"](
                 twist=t["geometry_msgs/msg/Twist"](linear=zero, angular=zero), covariance=np.zeros(36)))
         self._write(self._odometry, stamp_ns, odom, ODOMETRY_TYPE)
         self._path_poses.append(t["geometry_msgs/msg/PoseStamped"](
-            header=_header(self._ts, stamp_ns, self.map_frame), pose=self._pose(base_to_map)))
+            header=header_msg(self._ts, stamp_ns, self.map_frame), pose=self._pose(base_to_map)))
 
     def write_path(self, stamp_ns: int) -> None:
         """The keyframe path so far (call after the keyframes of a window)."""
-        msg = self._ts.types[PATH_TYPE](header=_header(self._ts, stamp_ns, self.map_frame), poses=list(self._path_poses))
+        msg = self._ts.types[PATH_TYPE](header=header_msg(self._ts, stamp_ns, self.map_frame), poses=list(self._path_poses))
         self._write(self._path, stamp_ns, msg, PATH_TYPE)
 
     def _cloud_msg(self, stamp_ns: int, xyz, rgb):
@@ -132,7 +132,7 @@ class MapBagWriter:
         data, count, point_step = cloud_payload(xyz, rgb)
         fields = [t["sensor_msgs/msg/PointField"](name=name, offset=offset, datatype=POINTFIELD_FLOAT32, count=1)
                   for name, offset in CLOUD_FIELDS]
-        return t[CLOUD_TYPE](header=_header(self._ts, stamp_ns, self.map_frame), height=1, width=count, fields=fields,
+        return t[CLOUD_TYPE](header=header_msg(self._ts, stamp_ns, self.map_frame), height=1, width=count, fields=fields,
                              is_bigendian=False, point_step=point_step, row_step=point_step * count, data=data,
                              is_dense=True)
 

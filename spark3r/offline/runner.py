@@ -33,7 +33,7 @@ from typing import Iterator, Optional, TextIO
 
 import numpy as np
 
-from spark3r.data.io import _temp_sibling, atomic_write, format_stamp_ns
+from spark3r.data.io import temp_sibling, atomic_write, format_stamp_ns
 from spark3r.mapping import Frame, Mapper, MapperConfig, WindowResult
 from spark3r.offline.inputs import OfflineInput
 from spark3r.offline.map_bag import MapBagWriter
@@ -197,13 +197,13 @@ def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, ba
         raise FileNotFoundError(f"cannot create {out}: directory {out.parent} does not exist")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    staging = _temp_sibling(out)
+    staging = temp_sibling(out)
     staging.mkdir()
     try:
         with _graceful_interrupt() as stop:
             report = _map_into(source, staging, config, backbone, backbone_info, progress, max_frames, stop)
         if out.exists():
-            old = _temp_sibling(out)
+            old = temp_sibling(out)
             os.replace(out, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(staging, out)
