@@ -218,15 +218,17 @@ def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], 
     offset = npro
     gf = groups.full.shape[0]
     if gf:
-        xf = q.index_select(2, groups.full.reshape(-1)).view(b, h, gf, g, d)
-        if keep == g:
-            merged, slot = xf, torch.arange(g, device=dev).expand(b, h, gf, g)
-        elif keep == 1:
-            merged, slot = xf.mean(-2, keepdim=True), torch.zeros(b, h, gf, g, dtype=torch.long, device=dev)
-        elif g == 4 and keep == 2:
-            merged, slot = merge_four_to_two(xf)
+        if keep == 1:  # plain means, read from strided views (no member gather)
+            merged = group_means(q, layout, group, idx.frames)
+            slot = torch.zeros(b, h, gf, g, dtype=torch.long, device=dev)
         else:
-            merged, slot = merge_greedy(xf, torch.ones(gf, g, dtype=torch.bool, device=dev), keep)
+            xf = q.index_select(2, groups.full.reshape(-1)).view(b, h, gf, g, d)
+            if keep == g:
+                merged, slot = xf, torch.arange(g, device=dev).expand(b, h, gf, g)
+            elif g == 4 and keep == 2:
+                merged, slot = merge_four_to_two(xf)
+            else:
+                merged, slot = merge_greedy(xf, torch.ones(gf, g, dtype=torch.bool, device=dev), keep)
         q_red[:, :, offset:offset + gf * keep] = merged.reshape(b, h, gf * keep, d)
         pos = offset + torch.arange(gf, device=dev).view(1, 1, gf, 1) * keep + slot
         source[:, :, groups.full.reshape(-1)] = pos.reshape(b, h, gf * g)
@@ -243,6 +245,21 @@ def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], 
         members = groups.partial[groups.partial_valid]
         source[:, :, members] = pos[:, :, groups.partial_valid]
     return q_red, source
+
+
+def group_means(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], frames: tuple[int, ...]) -> torch.Tensor:
+    """Means of the full groups of the reducible frames, ``[B, H, G, 1, d]`` in the order of
+    :class:`QueryGroups` ``.full``, read straight from strided views of q (no gather)."""
+    b, h, n, d = q.shape
+    rows, cols = layout.grid
+    gh, gw = group
+    r2, c2 = rows // gh, cols // gw
+    patches = q.reshape(b, h, layout.frames, layout.tokens_per_frame, d)[:, :, :, layout.special_tokens:]
+    grid = patches.unflatten(3, (rows, cols))[:, :, :, : r2 * gh, : c2 * gw]
+    means = grid.unflatten(4, (c2, gw)).unflatten(3, (r2, gh)).mean(dim=(4, 6))  # [B, H, S, r2, c2, d]
+    if len(frames) != layout.frames:
+        means = means.index_select(2, torch.tensor(frames, dtype=torch.long, device=q.device))
+    return means.reshape(b, h, len(frames) * r2 * c2, 1, d)
 
 
 def kv_scores(qbar: torch.Tensor, k: torch.Tensor, layout: TokenLayout, score: str) -> torch.Tensor:
