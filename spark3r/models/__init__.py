@@ -1,9 +1,13 @@
-"""Feed-forward 3-D reconstruction backbones (VGGT; π3 and DA3 to follow) from shared layers.
+"""Feed-forward 3-D reconstruction backbones (VGGT, π3, Depth-Anything-3) from shared layers.
 
 Typical use::
 
     from spark3r.models import load_pretrained
     model = load_pretrained("vggt-1b")          # downloads facebook/VGGT-1B when online
+    model = load_pretrained("da3-small")        # depth-anything/DA3-SMALL
+    model = load_pretrained(None, "/data/DA3-LARGE-1.1")   # preset from config.json model_name
+
+Presets: ``list_presets()`` (vggt-1b, vggt-tiny, pi3, pi3-tiny, da3-small/base/large/giant).
 """
 from .checkpoints import CheckpointMismatchError, CheckpointReadError, load_pretrained, load_weights
 from .registry import build_model, list_presets
