@@ -274,7 +274,7 @@ def load_weights(
         for name, (module, attr, current) in targets.items():
             # Entries absent from a non-strict source keep their values but follow device/dtype.
             loaded = table[name][1]() if name in table else current
-            wanted = head_dtype if head_dtype is not None and _is_head_entry(name) else dtype
+            wanted = head_dtype if head_dtype is not None and _is_head_entry(model, name) else dtype
             if not loaded.is_floating_point():
                 want_dtype = loaded.dtype
             elif wanted is not None:
@@ -302,7 +302,12 @@ def load_weights(
     return model.eval()
 
 
-def _is_head_entry(name: str) -> bool:
+def _is_head_entry(model: nn.Module, name: str) -> bool:
+    """Prediction-head entries: the model's ``head_state_dict_prefixes()`` (DA3: its DPT head and
+    camera decoder) or, by default, top-level modules named ``*_head`` (VGGT, π3)."""
+    prefixes = getattr(model, "head_state_dict_prefixes", None)
+    if callable(prefixes):
+        return name.startswith(tuple(prefixes()))
     return name.split(".", 1)[0].endswith("_head")
 
 

@@ -315,6 +315,10 @@ class DepthAnything3(nn.Module):
         """Attention of the multi-view blocks (odd blocks from ``alt_start``), in layer order."""
         return [self.vit.blocks[i].attn for i in self.config.global_blocks]
 
+    def head_state_dict_prefixes(self) -> tuple[str, ...]:
+        """Entries the official inference runs in float32 (``load_weights(head_dtype=...)``)."""
+        return ("model.head.", "model.cam_dec.", "model.gs_head.")
+
     def disabled_head_prefixes(self) -> tuple[str, ...]:
         off = {"model.cam_enc.": self.model.cam_enc, "model.gs_head.": self.model.gs_head}
         return tuple(k for k, v in off.items() if v is None)
