@@ -339,6 +339,26 @@ def preset_from_hf_config(directory) -> Optional[str]:
     return HF_MODEL_NAMES[name]
 
 
+def _declared_preset(source) -> Optional[str]:
+    """The preset named by the config.json of a checkpoint directory or hub id (None otherwise)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return preset_from_hf_config(path)
+    if isinstance(source, str) and _looks_like_hub_id(source) and not path.exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return preset_from_hf_config(Path(hf_hub_download(source, "config.json")).parent)
+        except CheckpointReadError:
+            raise
+        except Exception as exc:
+            raise CheckpointReadError(f"could not get config.json of Hugging Face repo {source!r} "
+                                      f"({type(exc).__name__}: {exc}); pass the preset explicitly") from exc
+    return None
+
+
 def _check_hf_config(directory: Path, model: nn.Module) -> None:
     """If a Hugging Face ``config.json`` names architecture numbers or a DA3 ``model_name``,
     they must match the preset."""
@@ -375,11 +395,10 @@ def load_pretrained(
     (e.g. ``enable_point=False``; that head's checkpoint entries are then skipped).
     """
     if preset is None:
-        directory = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
-        preset = preset_from_hf_config(directory) if directory is not None and directory.is_dir() else None
+        preset = _declared_preset(source)
         if preset is None:
-            raise ValueError("preset=None needs a checkpoint directory whose config.json names the model "
-                             "(DA3 'model_name'); pass a preset otherwise")
+            raise ValueError("preset=None needs a checkpoint directory or hub id whose config.json names the "
+                             "model (DA3 'model_name'); pass a preset otherwise")
     if source is None:
         source = DEFAULT_SOURCES.get(preset)
         if source is None:
