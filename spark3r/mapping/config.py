@@ -114,7 +114,7 @@ class MapConfig:
 
 @dataclass
 class BackboneConfig:
-    backbone: str = param("vggt-1b", "model preset (e.g. vggt-1b, vggt-tiny)")
+    backbone: str = param("vggt-1b", "model preset: vggt-1b, pi3, da3-small, da3-base, da3-large, da3-giant (vggt-tiny, pi3-tiny for tests)")
     checkpoint: str = param("", "weights: a file / directory / hub id, or 'seeded' for deterministic test weights; empty = none (refused)")
     device: str = param("cpu", "torch device, e.g. cpu or cuda:0")
     dtype: str = param("float32", "compute dtype: float32, bfloat16 or float16 (half types only on CUDA)")

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera-info-topic", help="bag CameraInfo topic (default: the only one, if any)")
     p.add_argument("--fps", type=float, default=10.0, help="frame rate for stamps of image folders / videos without stamps")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
-    p.add_argument("--backbone", "--model", dest="backbone", default="vggt-1b", help="model preset (e.g. vggt-1b, vggt-tiny)")
+    p.add_argument("--backbone", "--model", dest="backbone", default="vggt-1b", help="model preset: vggt-1b, pi3, da3-small, da3-base, da3-large, da3-giant (vggt-tiny, pi3-tiny for tests)")
     p.add_argument("--checkpoint", default="", help="weights file / directory / hub id, or 'seeded' (test weights)")
     p.add_argument("--reduction", default="dense", help="global-attention token reduction (dense, uniform, spark3r, ...)")
     p.add_argument("--reduction-params", default="{}", help="JSON keyword parameters of the reduction method")
