@@ -13,7 +13,7 @@ from .cli_args import add_method_arguments, method_params, parse_size
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-quick", help=f"bench preset: {', '.join(sorted(PRESETS))} (default cpu-quick); "
                    "the options below override its fields")
-    p.add_argument("--model", help="model preset (vggt-tiny, vggt-1b)")
+    p.add_argument("--model", help="model preset: vggt-1b, pi3, da3-small, da3-base, da3-large, da3-giant, vggt-tiny, pi3-tiny")
     p.add_argument("--frames", type=int, help="frames per forward")
     p.add_argument("--size", help="input size HxW, multiples of 14 (e.g. 392x518)")
     p.add_argument("--scope", choices=SCOPES, help="what is timed: one global attention op, the aggregator, or the model")

@@ -131,13 +131,7 @@ def query_groups(layout: TokenLayout, group: tuple[int, int], keep: int, device)
 # Pure merging functions
 
 
-# The three ways to split four tokens into two pairs, as averaging weights [pairing, slot, member].
-_PAIR_WEIGHTS = torch.tensor([
-    [[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]],
-    [[0.5, 0.0, 0.5, 0.0], [0.0, 0.5, 0.0, 0.5]],
-    [[0.5, 0.0, 0.0, 0.5], [0.0, 0.5, 0.5, 0.0]],
-])
-# Output slot (0/1) of members 0..3 under each pairing.
+# Output slot (0/1) of members 0..3 when member 0 is paired with member 1, 2 or 3.
 _PAIR_SLOTS = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1], [0, 1, 1, 0]])
 
 
@@ -145,16 +139,22 @@ def merge_four_to_two(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [B, H, G, 4, d]`` -> (pair means ``[B, H, G, 2, d]``, member slot ``[B, H, G, 4]``).
 
     Picks, per head and group, the split into two pairs with the largest summed cosine
-    similarity (the optimum for 4 -> 2). One 4x4 Gram matrix per group gives all similarities
-    and norms, and one small matmul forms the means, so q is read twice in all."""
-    gram = x @ x.transpose(-1, -2)
-    inv = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-12).rsqrt()
-    cos = gram * inv[..., :, None] * inv[..., None, :]
-    score = torch.stack((cos[..., 0, 1] + cos[..., 2, 3], cos[..., 0, 2] + cos[..., 1, 3],
-                         cos[..., 0, 3] + cos[..., 1, 2]), dim=-1)
-    best = score.argmax(-1)
-    weights = _PAIR_WEIGHTS.to(device=x.device, dtype=x.dtype)[best]  # [B, H, G, 2, 4]
-    return weights @ x, _PAIR_SLOTS.to(x.device)[best]
+    similarity (the optimum for 4 -> 2). Slot 0 holds member 0 and its partner, slot 1 the other
+    two. Everything is elementwise over all groups at once: per-group 4x4 matmuls would be tens of
+    thousands of tiny batched GEMMs, slower than the attention they save."""
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    x0, x1, x2, x3 = xn.unbind(-2)
+
+    def cos(a, b):
+        return (a * b).sum(-1)
+
+    score = torch.stack((cos(x0, x1) + cos(x2, x3), cos(x0, x2) + cos(x1, x3), cos(x0, x3) + cos(x1, x2)), dim=-1)
+    best = score.argmax(-1)  # partner of member 0 is member best + 1
+    first = x[..., 0, :]
+    partner = x.gather(-2, (best + 1)[..., None, None].expand(*best.shape, 1, x.shape[-1])).squeeze(-2)
+    pair = first + partner
+    means = torch.stack((pair, x.sum(-2) - pair), dim=-2) * 0.5
+    return means, _PAIR_SLOTS.to(x.device)[best]
 
 
 def merge_greedy(x: torch.Tensor, valid: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
