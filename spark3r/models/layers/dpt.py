@@ -111,7 +111,8 @@ class ResidualConvUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activated = F.relu(x)
-        out = self.conv2(F.relu(self.conv1(activated)))
+        # conv1's output is a fresh tensor: activating it in place saves a full feature-map pass.
+        out = self.conv2(F.relu(self.conv1(activated), inplace=True))
         return out + (activated if self.relu_skip else x)
 
 
@@ -212,7 +213,7 @@ class DPTHead(nn.Module):
             self.scratch.output_conv1 = nn.Conv2d(features, features // 2, 3, padding=1)
             self.scratch.output_conv2 = nn.Sequential(
                 nn.Conv2d(features // 2, 32, 3, padding=1),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),  # on the conv's own output: no copy of a full-resolution map
                 nn.Conv2d(32, output_dim, 1),
             )
 
