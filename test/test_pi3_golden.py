@@ -127,7 +127,7 @@ def test_heads_subset_and_mapper_request(tiny_model):
     "images, error, match",
     [
         (torch.rand(2, 3, 30, 28), ValueError, "multiples of 14"),
-        (torch.rand(2, 4, 28, 28), ValueError, r"\[N, 3, H, W\]"),
+        (torch.rand(2, 4, 28, 28), ValueError, r"\[S, 3, H, W\]"),
         (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), TypeError, "float"),
         ("images", TypeError, "torch.Tensor"),
     ],

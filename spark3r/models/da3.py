@@ -34,7 +34,7 @@ from .layers.dpt import DPTHead, FusionBlock, activate_dense, add_uv_embedding, 
 from .layers.mlp import Mlp
 from .layers.rope import grid_positions
 from .layers.vit import DinoViT
-from .vggt import normalize_images
+from .images import batched_images, normalize_images
 
 HEAD_NAMES = ("camera", "depth")
 REF_VIEW_STRATEGIES = ("saddle_balanced", "first", "middle", "saddle_sim_range")
@@ -323,28 +323,11 @@ class DepthAnything3(nn.Module):
         off = {"model.cam_enc.": self.model.cam_enc, "model.gs_head.": self.model.gs_head}
         return tuple(k for k, v in off.items() if v is None)
 
-    def _as_batched(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if images.dim() == 4:
-            images = images[None]
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be [S, 3, H, W] or [B, S, 3, H, W], got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a float tensor with values in [0, 1], got {images.dtype}")
-        b, s, _, h, w = images.shape
-        p = self.config.patch_size
-        if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(f"image height and width must be positive multiples of {p}, got {h}x{w}")
-        if s == 0 or b == 0:
-            raise ValueError("images must contain at least one frame")
-        return images
-
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Per-frame tokens ``[B, S, 1 + Np, C]`` (CLS + patches) after the purely frame-local
         blocks ``0 .. alt_start-2``, for images in [0, 1]. Frames are processed one at a time, so
         tokens of different calls can be combined (``forward(images, patch_tokens=...)``)."""
-        images = self._as_batched(images)
+        images = batched_images(images, self.config.patch_size)
         b, s, _, h, w = images.shape
         vit = self.vit
         flat = normalize_images(images).to(vit.cls_token.dtype).reshape(b * s, 3, h, w)
@@ -440,7 +423,7 @@ class DepthAnything3(nn.Module):
         camera), ``intrinsics`` [B,S,3,3] (input pixels), plus ``pose_enc`` [B,S,9] (the
         camera-to-world encoding the extrinsics come from) and ``ref_view_index`` [B] (-1: none).
         """
-        images = self._as_batched(images)
+        images = batched_images(images, self.config.patch_size)
         b, s, _, h, w = images.shape
         p = self.config.patch_size
         grid = (h // p, w // p)

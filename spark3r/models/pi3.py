@@ -29,7 +29,7 @@ from .layers.attention import Attention
 from .layers.block import Block
 from .layers.rope import RoPE2D, grid_positions
 from .layers.vit import DinoViT
-from .vggt import IMAGENET_MEAN, IMAGENET_STD
+from .images import IMAGENET_MEAN, IMAGENET_STD, batched_images
 
 HEAD_NAMES = ("camera", "point", "conf")
 
@@ -214,27 +214,10 @@ class Pi3(nn.Module):
     def disabled_head_prefixes(self) -> tuple[str, ...]:
         return ()
 
-    def _as_batched(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if images.dim() == 4:
-            images = images[None]
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be [N, 3, H, W] or [B, N, 3, H, W], got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a float tensor with values in [0, 1], got {images.dtype}")
-        b, s, _, h, w = images.shape
-        p = self.config.patch_size
-        if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(f"image height and width must be positive multiples of {p}, got {h}x{w}")
-        if s == 0 or b == 0:
-            raise ValueError("images must contain at least one frame")
-        return images
-
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Per-frame DINO patch tokens ``[B, N, Np, C]`` for images in [0, 1]; frames are encoded
         one at a time, so cached tokens of earlier calls can be combined with new ones."""
-        images = self._as_batched(images)
+        images = batched_images(images, self.config.patch_size)
         b, s, _, h, w = images.shape
         mean = self.image_mean.to(device=images.device)
         std = self.image_std.to(device=images.device)
@@ -289,7 +272,7 @@ class Pi3(nn.Module):
         ``camera_poses`` [B,N,4,4] (camera-to-world, OpenCV, arbitrary world frame); only those
         the requested heads produce.
         """
-        images = self._as_batched(images)
+        images = batched_images(images, self.config.patch_size)
         b, s, _, h, w = images.shape
         p = self.config.patch_size
         grid = (h // p, w // p)

@@ -18,6 +18,7 @@ from torch import nn
 
 from spark3r.accel.layout import TokenLayout
 
+from .images import batched_images, normalize_images
 from .layers.attention import Attention
 from .layers.block import Block
 from .layers.dpt import DPTHead
@@ -25,8 +26,6 @@ from .layers.mlp import Mlp
 from .layers.rope import RoPE2D, grid_positions
 from .layers.vit import DinoViT
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_NAMES = ("camera", "depth", "point")
 
 
@@ -103,15 +102,6 @@ def _per_frame_special(token: torch.Tensor, b: int, s: int) -> torch.Tensor:
     first = token[:, :1].expand(b, 1, -1, -1)
     rest = token[:, 1:].expand(b, s - 1, -1, -1)
     return torch.cat([first, rest], dim=1)
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] RGB ``[..., 3, H, W]`` -> ImageNet-normalised (constants built on the fly so the
-    model has no buffers that a meta-device build would leave unmaterialised)."""
-    shape = (3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(shape)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(shape)
-    return ((images - mean) / std).to(images.dtype)
 
 
 class Aggregator(nn.Module):
@@ -350,23 +340,6 @@ class VGGT(nn.Module):
                  "depth_head": self.depth_head, "track_head": self.track_head}
         return tuple(f"{k}." for k, v in names.items() if v is None)
 
-    def _as_batched(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if images.dim() == 4:
-            images = images[None]
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be [S, 3, H, W] or [B, S, 3, H, W], got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a float tensor with values in [0, 1], got {images.dtype}")
-        b, s, _, h, w = images.shape
-        p = self.config.patch_size
-        if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(f"image height and width must be positive multiples of {p}, got {h}x{w}")
-        if s == 0 or b == 0:
-            raise ValueError("images must contain at least one frame")
-        return images
-
     def _weight_dtype(self) -> torch.dtype:
         return self.aggregator.camera_token.dtype
 
@@ -375,7 +348,7 @@ class VGGT(nn.Module):
         in [0, 1]. Passing them back as ``forward(images, patch_tokens=...)`` gives bitwise the
         same outputs as recomputing; frames are encoded independently (``encoder_frames_chunk=1``),
         so tokens cached from earlier calls can be concatenated with new ones."""
-        return self.aggregator.encode_patches(self._as_batched(images))
+        return self.aggregator.encode_patches(batched_images(images, self.config.patch_size))
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -398,7 +371,7 @@ class VGGT(nn.Module):
             ``depth_conf`` [B,S,H,W], ``world_points`` [B,S,H,W,3], ``world_points_conf``
             [B,S,H,W], ``images`` (the batched input).
         """
-        images = self._as_batched(images)
+        images = batched_images(images, self.config.patch_size)
         b, s, _, h, w = images.shape
         p = self.config.patch_size
         grid = (h // p, w // p)
