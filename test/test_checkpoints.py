@@ -241,3 +241,14 @@ def test_non_strict_partial_load_with_dtype_converts_everything(weights):
     model = load_weights(build_model("vggt-tiny"), partial, strict=False, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert torch.equal(model.aggregator.camera_token, weights["aggregator.camera_token"].to(torch.bfloat16))
+
+
+def test_load_pretrained_seeded_source_gives_the_seeded_v1_weights():
+    from spark3r.models import load_pretrained
+    from spark3r.seeded import seeded_v1
+
+    model = load_pretrained("vggt-tiny", "seeded", enable_point=False)
+    sd = model.state_dict()
+    for name in ("aggregator.camera_token", "camera_head.pose_branch.fc2.weight"):
+        assert torch.equal(sd[name], seeded_v1(name, sd[name].shape)), name
+    assert not model.training and sd["aggregator.camera_token"].device.type == "cpu"

@@ -268,23 +268,15 @@ def config_from_preset(name: str, **overrides) -> BenchConfig:
 
 
 def _build_model(cfg: BenchConfig, device, dtype, meta: bool = False):
-    from spark3r.models import build_model
+    from spark3r.models import build_model, load_pretrained
     from spark3r.models.registry import inference_overrides
 
     if meta:
         return build_model(cfg.model, device="meta", **inference_overrides(cfg.model))
-    model = build_model(cfg.model, device=device, **inference_overrides(cfg.model))
-    if cfg.checkpoint:
-        from spark3r.models import load_weights
-
-        load_weights(model, cfg.checkpoint)
-        weights = f"checkpoint {cfg.checkpoint}"
-    else:
-        from spark3r.seeded import load_seeded_v1
-
-        load_seeded_v1(model)
-        weights = "seeded-v1 (synthetic)"
-    return model.to(dtype=dtype).eval(), weights
+    model = load_pretrained(cfg.model, cfg.checkpoint or "seeded", device=device, dtype=dtype,
+                            **inference_overrides(cfg.model))
+    weights = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else "seeded-v1 (synthetic)"
+    return model.eval(), weights
 
 
 class _Capture:

@@ -141,23 +141,14 @@ def allocate(errors: list[dict], costs: list[dict], budget: float) -> list[float
 
 
 def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
-    from spark3r.models import build_model
+    from spark3r.models import load_pretrained
     from spark3r.models.registry import inference_overrides
 
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
-    model = build_model(cfg.model, device=device, **inference_overrides(cfg.model))
-    if cfg.checkpoint:
-        from spark3r.models import load_weights
-
-        load_weights(model, cfg.checkpoint)
-        weights = f"checkpoint {cfg.checkpoint}"
-    else:
-        from spark3r.seeded import load_seeded_v1
-
-        load_seeded_v1(model)
-        weights = "seeded-v1 (synthetic)"
-    model = model.to(dtype=dtype).eval()
+    model = load_pretrained(cfg.model, cfg.checkpoint or "seeded", device=device, dtype=dtype,
+                            **inference_overrides(cfg.model)).eval()
+    weights = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else "seeded-v1 (synthetic)"
     images, source = load_inputs(cfg)
     images = images.to(device, dtype)
     h, w = cfg.size

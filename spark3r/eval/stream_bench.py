@@ -54,11 +54,7 @@ def _backbone(cfg: StreamBenchConfig, reduction: str, cache: bool):
     bcfg = BackboneConfig(backbone=cfg.backbone, checkpoint=cfg.checkpoint or "seeded", device=cfg.device,
                           dtype=cfg.dtype, reduction=reduction, reduction_params=dict(cfg.method_params.get(reduction, {})),
                           image_width=cfg.image_width)
-    built = ModelBackbone.from_config(bcfg, cfg.window, cfg.stride)
-    if not cfg.checkpoint:
-        from spark3r.seeded import load_seeded_v1
-
-        load_seeded_v1(built.model)  # the weights `spark3r bench` uses, so numbers are comparable
+    built = ModelBackbone.from_config(bcfg, cfg.window, cfg.stride)  # "seeded": the weights `spark3r bench` uses
     if cache:
         return built
     return ModelBackbone(built.model, image_width=cfg.image_width, cache_max_frames=0, device=cfg.device)

@@ -255,9 +255,8 @@ class ModelBackbone:
         so a misconfigured node never maps with random weights silently.
         """
         from .. import accel
-        from ..models import build_model, load_pretrained
+        from ..models import load_pretrained
         from ..models.registry import inference_overrides
-        from ..seeded import load_seeded_v1
 
         if not isinstance(config, BackboneConfig):
             raise TypeError(f"config must be a BackboneConfig, got {type(config).__name__}")
@@ -270,11 +269,7 @@ class ModelBackbone:
             raise ValueError("checkpoint is empty: give a weights file, directory or hub id "
                              "(or 'seeded' for deterministic test weights)")
         lean = inference_overrides(config.backbone, outputs=("camera", "depth"))
-        if config.checkpoint == "seeded":
-            model = load_seeded_v1(build_model(config.backbone, **lean))
-            model = model.to(device=device, dtype=dtype)
-        else:
-            model = load_pretrained(config.backbone, config.checkpoint, device=device, dtype=dtype, **lean)
+        model = load_pretrained(config.backbone, config.checkpoint, device=device, dtype=dtype, **lean)
         if config.reduction != "dense" or config.reduction_params:
             accel.apply(model, config.reduction, **config.reduction_params)
         cache = config.cache_max_frames or (window_size + window_stride)

@@ -376,6 +376,10 @@ def _check_hf_config(directory: Path, model: nn.Module) -> None:
             )
 
 
+# The checkpoint name of the deterministic synthetic weights (rule seeded-v1).
+SEEDED = "seeded"
+
+
 def load_pretrained(
     preset: Optional[str],
     source=None,
@@ -390,6 +394,9 @@ def load_pretrained(
     ``preset=None`` takes the preset from the checkpoint directory's ``config.json`` (DA3's
     ``model_name``); a declared ``model_name`` that contradicts ``preset`` is refused.
 
+    ``source="seeded"`` gives the deterministic seeded-v1 synthetic weights (tests, demos and
+    benchmarks without real checkpoints; never meaningful geometry).
+
     Peak memory is one copy of the weights in ``dtype``. On CUDA use ``dtype=torch.bfloat16``
     (or float16), optionally with ``head_dtype=torch.float32`` like the official inference. ``overrides`` go to :func:`build_model`
     (e.g. ``enable_point=False``; that head's checkpoint entries are then skipped).
@@ -403,6 +410,10 @@ def load_pretrained(
         source = DEFAULT_SOURCES.get(preset)
         if source is None:
             raise ValueError(f"preset {preset!r} has no published checkpoint; pass source=<file or state dict>")
+    if isinstance(source, str) and source == SEEDED:
+        from spark3r.seeded import load_seeded_v1
+
+        return load_seeded_v1(build_model(preset, **overrides)).to(device=device, dtype=dtype)
     model = build_model(preset, device="meta", **overrides)
     if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
         _check_hf_config(Path(source).expanduser(), model)
