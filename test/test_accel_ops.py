@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from spark3r.accel import TokenLayout, build_op
-from spark3r.accel.common import exact_attention, gather_per_head, static_index
+from spark3r.accel.common import (Workspace, attention_with_extra_keys, exact_attention, gather_per_head, gather_rows,
+                                  masked_attention_with_extra_keys, static_index)
 from spark3r.accel.schedule import KVSchedule
-from spark3r.accel.spark3r import (Spark3RConfig, merge_four_to_two, merge_greedy, merge_queries, prune_kv,
+from spark3r.accel.spark3r import (Spark3RConfig, kv_scores, merge_greedy, merge_queries, pair_choice, prune_kv,
                                    query_groups, spark3r_attention, spark3r_sizes)
 from spark3r.accel.uniform import UniformConfig, partition, uniform_attention, uniform_sizes
 
@@ -27,6 +28,10 @@ def qkv(layout=LAYOUT, seed=0, batch=1):
 
 def no_pruning(layers=2):
     return KVSchedule(tuple([1.0] * layers))
+
+
+def mean_query_scores(q, k, layout=LAYOUT):
+    return kv_scores(torch.matmul(q.mean(2, keepdim=True), k.transpose(-1, -2)), k, layout, "query_mean")
 
 
 def test_factor_one_is_bitwise_dense():
@@ -89,23 +94,32 @@ def test_unmerge_map_covers_every_token_with_exact_group_budgets(keep):
             torch.testing.assert_close(q_red[0, head, r], q[0, head, members].mean(0), rtol=1e-5, atol=1e-6)
 
 
-def test_four_to_two_pairing_is_optimal_and_matches_greedy_partition_sizes():
-    x = torch.randn(1, 2, 50, 4, 8)
-    means, slot = merge_four_to_two(x)
-    xn = torch.nn.functional.normalize(x, dim=-1)
-    cos = xn @ xn.transpose(-1, -2)
-    options = torch.stack([cos[..., 0, 1] + cos[..., 2, 3], cos[..., 0, 2] + cos[..., 1, 3], cos[..., 0, 3] + cos[..., 1, 2]], -1)
-    chosen = torch.where(slot[..., 1] == 0, 0, torch.where(slot[..., 2] == 0, 1, 2))
-    torch.testing.assert_close(options.gather(-1, chosen[..., None]).squeeze(-1), options.max(-1).values)
-    assert ((slot == 0).sum(-1) == 2).all()
-    gmeans, gslot = merge_greedy(x, torch.ones(50, 4, dtype=torch.bool), 2)
-    assert gmeans.shape == means.shape and (gslot.max(-1).values == 1).all()
+def test_pair_choice_is_the_least_squared_error_pairing():
+    x = torch.randn(1, 2, 200, 4, 8)
+    best = pair_choice(x.unbind(-2))
+    splits = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1], [0, 1, 1, 0]])  # slot of each member
+
+    def merge_error(slot):  # squared error of replacing each pair by its mean
+        means = torch.stack([(x * (slot == s)[..., None]).sum(-2) / 2 for s in (0, 1)], -2)
+        return (x - means.gather(-2, slot[..., None].expand_as(x))).square().sum((-1, -2))
+
+    errors = torch.stack([merge_error(split.expand(1, 2, 200, 4)) for split in splits], -1)
+    torch.testing.assert_close(merge_error(splits[best]), errors.min(-1).values)
+    assert torch.equal(best, errors.argmin(-1))
+    # Points a, b, a, b: the vertical split {02, 13} is exact, and greedy Ward finds it too.
+    a_, b_ = torch.randn(8), torch.randn(8)
+    line = torch.stack([a_, b_, a_, b_])[None, None, None]
+    assert int(pair_choice(line.unbind(-2))) == 1
+    means, slot = merge_greedy(line, torch.ones(1, 4, dtype=torch.bool), 2)
+    assert slot[0, 0, 0, 0] == slot[0, 0, 0, 2] != slot[0, 0, 0, 1] == slot[0, 0, 0, 3]
+    assert means.shape == (1, 1, 1, 2, 8)
 
 
 def test_kv_budget_is_exact_per_frame_and_protected_keys_stay():
     q, k, v = qkv(seed=4)
     budget = 6
-    k_red, v_red, mask, kept = prune_kv(q.mean(2), k, v, LAYOUT, budget)
+    kv = prune_kv(mean_query_scores(q, k), k, v, LAYOUT, budget)
+    kept = kv.kept
     idx = static_index(LAYOUT, "cpu")
     nf = len(idx.frames)
     assert kept.shape == (1, H, nf, budget)
@@ -115,10 +129,16 @@ def test_kv_budget_is_exact_per_frame_and_protected_keys_stay():
         assert ((per >= lo) & (per < hi)).all()
         assert all(per[h].unique().numel() == budget for h in range(H))
     npro = idx.protected.numel()
-    assert k_red.shape[2] == npro + nf * budget + nf == mask.shape[-1]
-    assert torch.equal(k_red[:, :, :npro], k[:, :, idx.protected])
-    assert torch.equal(mask[..., :-nf], torch.zeros_like(mask[..., :-nf]))
-    torch.testing.assert_close(mask[..., -nf:], torch.full((1, 1, 1, nf), math.log(35 - budget)))
+    assert kv.k.shape[2] == kv.v.shape[2] == npro + nf * budget
+    assert torch.equal(kv.k[:, :, :npro], k[:, :, idx.protected])
+    assert torch.equal(kv.v[:, :, npro:], gather_per_head(v, kept.reshape(1, H, -1)))
+    assert kv.k_extra.shape == kv.v_extra.shape == (1, H, nf, D)
+    assert kv.bias == pytest.approx(math.log(35 - budget))
+    # the compensation token is the mean of the frame's pruned tokens
+    frame, row = idx.frames[0], 0
+    pruned = torch.arange(frame * 40 + 5, frame * 40 + 40)
+    pruned = pruned[~torch.isin(pruned, kept[0, 0, row])]
+    torch.testing.assert_close(kv.v_extra[0, 0, row], v[0, 0, pruned].mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_compensation_token_is_exact_when_pruned_tokens_are_identical():
@@ -126,7 +146,7 @@ def test_compensation_token_is_exact_when_pruned_tokens_are_identical():
     # carries exactly their softmax mass: the pruned attention equals dense attention.
     q, k, v = qkv(seed=5)
     budget = 4
-    _, _, _, kept = prune_kv(q.mean(2), k, v, LAYOUT, budget)
+    kept = prune_kv(mean_query_scores(q, k), k, v, LAYOUT, budget).kept
     idx = static_index(LAYOUT, "cpu")
     for f_row, frame in enumerate(idx.frames):
         for h in range(H):
@@ -152,17 +172,17 @@ def test_spark3r_op_sizes_match_closed_form_and_batch_is_independent():
     torch.testing.assert_close(out[1:], single, rtol=1e-5, atol=1e-6)
     seen = {}
 
-    def spy(q_, k_, v_, scale=None, attn_mask=None):
-        seen.setdefault("shape", (q_.shape[2], k_.shape[2]))  # the first call is the reduced attention
-        return exact_attention(q_, k_, v_, scale, attn_mask)
+    def spy(q_, k_, v_, k_extra, v_extra, bias, scale=None):
+        seen.setdefault("shape", (q_.shape[2], k_.shape[2] + k_extra.shape[2]))
+        return attention_with_extra_keys(q_, k_, v_, k_extra, v_extra, bias, scale)
 
     import spark3r.accel.spark3r as mod
-    orig = mod.exact_attention
-    mod.exact_attention = spy
+    orig = mod.attention_with_extra_keys
+    mod.attention_with_extra_keys = spy
     try:
         op(q, k, v, LAYOUT)
     finally:
-        mod.exact_attention = orig
+        mod.attention_with_extra_keys = orig
     assert seen["shape"] == op.reduced_sizes(LAYOUT)
 
 
@@ -214,4 +234,72 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="layers"):
         op(q, k, v, bad_layers)
     with pytest.raises(ValueError, match="budget"):
-        prune_kv(q.mean(2), k, v, LAYOUT, 0)
+        prune_kv(mean_query_scores(q, k), k, v, LAYOUT, 0)
+
+
+def test_extra_keys_fold_in_through_log_sum_exp_exactly():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64) for n in (50, 40, 40))
+    k_x, v_x = torch.randn(2, 3, 4, 16, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 16, generator=g, dtype=torch.float64)
+    bias = math.log(7.0)
+    logits = torch.cat((q @ k.transpose(-1, -2) / 4.0, q @ k_x.transpose(-1, -2) / 4.0 + bias), -1)  # scale 16^-0.5
+    ref = torch.softmax(logits, -1) @ torch.cat((v, v_x), 2)
+    for fn in (attention_with_extra_keys, masked_attention_with_extra_keys):
+        out = fn(q.float(), k.float(), v.float(), k_x.float(), v_x.float(), bias)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_are_gathered_from_strided_views_without_copies():
+    qkv_ = torch.randn(2, 30, 3, 4, 8)  # [B, N, 3, H, d] like the fused projection
+    v = qkv_.permute(2, 0, 3, 1, 4)[2]
+    index = torch.randint(0, 30, (2, 4, 11))
+    expected = torch.stack([torch.stack([v[b, h, index[b, h]] for h in range(4)]) for b in range(2)])
+    assert torch.equal(gather_rows(v, index), expected)
+    out = torch.empty(2, 4, 11, 8)
+    assert gather_rows(v, index, out=out) is out and torch.equal(out, expected)
+
+
+def test_op_results_are_never_overwritten_while_referenced_and_buffers_are_reused():
+    q, k, v = qkv(seed=9)
+    op = build_op("spark3r", 2, schedule=KVSchedule((0.2, 0.2)))
+    first = op(q, k, v, LAYOUT)
+    kept_copy = first.clone()
+    second = op(q * 0.5, k, v, LAYOUT)  # `first` is still referenced: a new buffer
+    assert torch.equal(first, kept_copy) and second.data_ptr() != first.data_ptr()
+    ptr = second.data_ptr()
+    del first, second
+    third = op(q, k, v, LAYOUT)
+    assert torch.equal(third, kept_copy)
+    assert third.data_ptr() == ptr  # nothing referenced the buffer any more: recycled
+    # a view kept by the caller also pins the buffer
+    view = third.transpose(1, 2).reshape(1, LAYOUT.num_tokens, -1)
+    del third
+    fourth = op(q * 2.0, k, v, LAYOUT)
+    assert torch.equal(view.reshape(1, LAYOUT.num_tokens, H, D).transpose(1, 2), kept_copy)
+    assert not torch.equal(fourth, kept_copy)
+
+
+def test_workspace_recycles_only_unreferenced_outputs_and_survives_inference_mode():
+    ws = Workspace()
+    a = ws.output((2, 3), torch.float32, "cpu")
+    assert ws.output((2, 3), torch.float32, "cpu") is not a  # `a` is held here
+    b = ws.output((2, 3), torch.float32, "cpu")
+    ptr = b.data_ptr()
+    del a, b
+    assert ws.output((2, 3), torch.float32, "cpu").data_ptr() == ptr
+    q, k, v = qkv(seed=10)
+    op = build_op("spark3r", 2, schedule=KVSchedule((0.2, 0.2)))
+    with torch.inference_mode():
+        inf = op(q, k, v, LAYOUT).clone()
+    with torch.no_grad():
+        torch.testing.assert_close(op(q, k, v, LAYOUT), inf)
+    torch.testing.assert_close(op(q, k, v, LAYOUT), inf)
+
+
+def test_spark3r_reads_v_as_a_strided_view_of_the_fused_projection():
+    q, k, v = qkv(seed=12)
+    fused = torch.stack((q, k, v)).permute(1, 3, 0, 2, 4).contiguous()  # [B, N, 3, H, d]
+    v_view = fused.permute(2, 0, 3, 1, 4)[2]
+    assert not v_view.is_contiguous()
+    op = build_op("spark3r", 2, schedule=KVSchedule((0.2, 0.2)))
+    torch.testing.assert_close(op(q, k, v_view, LAYOUT), op(q, k, v, LAYOUT), rtol=1e-6, atol=1e-6)

@@ -2,8 +2,9 @@
 
 Queries carry view-specific requests and are reduced mildly: the patch tokens of every
 non-reference frame are cut into small spatial groups (``query_group`` = rows x cols of the patch
-grid, 2x2 by default) and each group is merged to exactly ``query_keep`` tokens, per head, by
-greedily joining its most similar members (cosine similarity of the post-RoPE queries). The
+grid, 2x2 by default) and each group is merged to exactly ``query_keep`` tokens, per head, so
+that replacing the members by their cluster means changes the post-RoPE queries least (squared
+error; for 2x2 -> 2 the best of the three pairings exactly, otherwise greedy Ward merging). The
 attention output of a merged query is copied back to every member. Cost: O(tokens * group size).
 
 Keys/values carry shared scene context and are pruned aggressively: per head and per
@@ -16,17 +17,25 @@ view stays represented. The budget per layer comes from a :class:`KVSchedule`.
 
 Protected in both roles: the special tokens of every frame and all tokens of the reference frame.
 q/k arrive after RoPE, so merged and kept tokens need no new positions.
+
+Data path (what keeps the op near its FLOP bound on CPU): the pairing is decided on strided
+views of q, the reduced queries and keys/values are gathered with one ``index_select`` each into
+buffers reused across calls, the scoring mat-vec also yields the camera queries' logits over all
+keys, the compensation tokens are folded into the flash kernel's result through its
+log-sum-exp instead of a float mask, and the unmerge writes the output in ``[B, N, H, d]``
+memory order, which the attention module's output projection reads without a copy.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from .common import check_qkv, exact_attention, gather_per_head, layout_key, static_index
+from .common import (Workspace, attention_with_extra_keys, check_qkv, exact_attention, gather_rows, layout_key,
+                     row_view, static_index)
 from .layout import TokenLayout
 from .schedule import KVSchedule
 
@@ -131,39 +140,39 @@ def query_groups(layout: TokenLayout, group: tuple[int, int], keep: int, device)
 # Pure merging functions
 
 
-# Output slot (0/1) of members 0..3 when member 0 is paired with member 1, 2 or 3.
-_PAIR_SLOTS = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1], [0, 1, 1, 0]])
+# Output slot (0/1) of members 0..3 under each of the three pairings (member 0 is in slot 0).
+_PAIR_SLOTS = ((0, 0, 1, 1), (0, 1, 0, 1), (0, 1, 1, 0))
+# Members (first, second) of slot 0 and of slot 1 under each pairing.
+_PAIR_MEMBERS = (((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2)))
 
 
-def merge_four_to_two(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [B, H, G, 4, d]`` -> (pair means ``[B, H, G, 2, d]``, member slot ``[B, H, G, 4]``).
+def pair_choice(members: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The split of four queries ``m0..m3 [..., d]`` into two pairs that changes them least when
+    each pair is replaced by its mean: 0 = {01, 23}, 1 = {02, 13}, 2 = {03, 12} (ties go to the
+    lower option). Returns ``[...]`` int64.
 
-    Picks, per head and group, the split into two pairs with the largest summed cosine
-    similarity (the optimum for 4 -> 2). Slot 0 holds member 0 and its partner, slot 1 the other
-    two. Everything is elementwise over all groups at once: per-group 4x4 matmuls would be tens of
-    thousands of tiny batched GEMMs, slower than the attention they save."""
-    xn = torch.nn.functional.normalize(x, dim=-1)
-    x0, x1, x2, x3 = xn.unbind(-2)
-
-    def cos(a, b):
-        return (a * b).sum(-1)
-
-    score = torch.stack((cos(x0, x1) + cos(x2, x3), cos(x0, x2) + cos(x1, x3), cos(x0, x3) + cos(x1, x2)), dim=-1)
-    best = score.argmax(-1)  # partner of member 0 is member best + 1
-    first = x[..., 0, :]
-    partner = x.gather(-2, (best + 1)[..., None, None].expand(*best.shape, 1, x.shape[-1])).squeeze(-2)
-    pair = first + partner
-    means = torch.stack((pair, x.sum(-2) - pair), dim=-2) * 0.5
-    return means, _PAIR_SLOTS.to(x.device)[best]
+    Averaging a pair (a, b) costs ||a - b||^2 / 2 of squared error, so over a split the norms
+    cancel and the best split has the largest <a, b> + <c, d>. The differences of those sums are
+    two dot products — <m0 - m3, m1 - m2> (split 0 vs 1) and <m0 - m2, m1 - m3> (0 vs 2) — so
+    the choice costs four subtractions and two dot products per group, elementwise over all
+    groups at once (per-group 4x4 Gram matmuls would be tens of thousands of tiny GEMMs).
+    The members may be strided views (no gather needed)."""
+    m0, m1, m2, m3 = members
+    a_minus_b = (m0 - m3).mul_(m1 - m2).sum(-1)
+    a_minus_c = (m0 - m2).mul_(m1 - m3).sum(-1)
+    b_wins = a_minus_c >= a_minus_b  # B - C = (A - C) - (A - B)
+    a_wins = (a_minus_b >= 0) & (a_minus_c >= 0)
+    return torch.where(a_wins, 0, torch.where(b_wins, 1, 2))
 
 
 def merge_greedy(x: torch.Tensor, valid: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Agglomerative merge inside each group down to ``min(keep, valid members)`` clusters.
+    """Agglomerative (Ward) merge inside each group down to ``min(keep, valid members)`` clusters.
 
     ``x [B, H, G, g, d]``, ``valid [G, g]`` -> (cluster means ``[B, H, G, keep, d]`` with the
     clusters in slots ``0..min(keep, size)-1``, member slot ``[B, H, G, g]``). Each step joins, in
-    every group that still has more than ``keep`` clusters, the pair of clusters whose means are
-    most similar (cosine). Cost O(G * g^2 * d) per step; ``g - keep`` steps."""
+    every group that still has more than ``keep`` clusters, the two clusters whose merge adds the
+    least squared error, ``n_a n_b / (n_a + n_b) ||mean_a - mean_b||^2`` — the criterion
+    :func:`pair_choice` optimises exactly for 2x2 -> 2. Cost O(G * g^2 * d) per step; ``g - keep`` steps."""
     b, h, gcount, g, d = x.shape
     dev = x.device
     alive = valid.expand(b, h, gcount, g).clone()
@@ -175,10 +184,11 @@ def merge_greedy(x: torch.Tensor, valid: torch.Tensor, keep: int) -> tuple[torch
         need = alive.sum(-1) > keep  # [B, H, G]
         if not bool(need.any()):
             break
-        means = torch.nn.functional.normalize(sums / sizes.clamp_min(1)[..., None], dim=-1)
-        sim = means @ means.transpose(-1, -2)
+        n = sizes.clamp_min(1)
+        means = sums / n[..., None]
+        cost = torch.cdist(means, means).square_() * (n[..., :, None] * n[..., None, :] / (n[..., :, None] + n[..., None, :]))
         ok = alive[..., :, None] & alive[..., None, :] & ~eye
-        flat = sim.masked_fill(~ok, float("-inf")).flatten(-2).argmax(-1)
+        flat = cost.masked_fill(~ok, float("inf")).flatten(-2).argmin(-1)
         i, j = flat // g, flat % g
         root, gone = torch.minimum(i, j), torch.maximum(i, j)
         root_sum = sums.gather(-2, root[..., None, None].expand(b, h, gcount, 1, d))
@@ -198,177 +208,145 @@ def merge_greedy(x: torch.Tensor, valid: torch.Tensor, keep: int) -> tuple[torch
     return means, slot
 
 
-def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduced queries and the unmerge map.
-
-    Returns ``q_red [B, H, Nq, d]`` (protected queries first, in token order, then the merged
-    groups) and ``source [B, H, N]``: for every original token, the row of ``q_red`` whose
-    attention output it receives. ``out = gather_per_head(out_red, source)`` unmerges."""
-    b, h, n, d = q.shape
-    dev = q.device
-    idx = static_index(layout, dev)
-    groups = query_groups(layout, group, keep, dev)
-    g = group[0] * group[1]
-    npro = idx.protected.numel()
-    # Written in place into one buffer (no concatenation pass over the reduced queries).
-    q_red = torch.empty(b, h, npro + groups.num_outputs, d, dtype=q.dtype, device=dev)
-    q_red[:, :, :npro] = q.index_select(2, idx.protected)
-    source = torch.empty(b, h, n, dtype=torch.long, device=dev)
-    source[:, :, idx.protected] = torch.arange(npro, device=dev)
-    offset = npro
-    gf = groups.full.shape[0]
-    if gf:
-        if keep == 1:  # plain means, read from strided views (no member gather)
-            merged = group_means(q, layout, group, idx.frames)
-            slot = torch.zeros(b, h, gf, g, dtype=torch.long, device=dev)
-        else:
-            xf = q.index_select(2, groups.full.reshape(-1)).view(b, h, gf, g, d)
-            if keep == g:
-                merged, slot = xf, torch.arange(g, device=dev).expand(b, h, gf, g)
-            elif g == 4 and keep == 2:
-                merged, slot = merge_four_to_two(xf)
-            else:
-                merged, slot = merge_greedy(xf, torch.ones(gf, g, dtype=torch.bool, device=dev), keep)
-        q_red[:, :, offset:offset + gf * keep] = merged.reshape(b, h, gf * keep, d)
-        pos = offset + torch.arange(gf, device=dev).view(1, 1, gf, 1) * keep + slot
-        source[:, :, groups.full.reshape(-1)] = pos.reshape(b, h, gf * g)
-        offset += gf * keep
-    gp = groups.partial.shape[0]
-    if gp:
-        xp = q.index_select(2, groups.partial.reshape(-1)).view(b, h, gp, g, d)
-        merged, slot = merge_greedy(xp, groups.partial_valid, keep)
-        # Keep only the real output slots (a partial group of size s has min(keep, s) of them).
-        real = (torch.arange(keep, device=dev)[None, :] < groups.partial_keep[:, None]).reshape(-1)
-        q_red[:, :, offset:] = merged.reshape(b, h, gp * keep, d)[:, :, real]
-        starts = torch.cumsum(groups.partial_keep, 0) - groups.partial_keep
-        pos = offset + starts.view(1, 1, gp, 1) + slot
-        members = groups.partial[groups.partial_valid]
-        source[:, :, members] = pos[:, :, groups.partial_valid]
-    return q_red, source
-
-
-def group_means(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], frames: tuple[int, ...]) -> torch.Tensor:
-    """Means of the full groups of the reducible frames, ``[B, H, G, 1, d]`` in the order of
-    :class:`QueryGroups` ``.full``, read straight from strided views of q (no gather)."""
-    b, h, n, d = q.shape
+def group_member_views(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int]) -> list[torch.Tensor]:
+    """The members of every full group as strided views of q, one per position in the group
+    (row-major), each ``[B, H, S, rows // gh, cols // gw, d]`` over *all* frames (the caller
+    selects the reducible ones from the small per-group results)."""
     rows, cols = layout.grid
     gh, gw = group
     r2, c2 = rows // gh, cols // gw
-    patches = q.reshape(b, h, layout.frames, layout.tokens_per_frame, d)[:, :, :, layout.special_tokens:]
+    patches = q.unflatten(2, (layout.frames, layout.tokens_per_frame))[:, :, :, layout.special_tokens:]
     grid = patches.unflatten(3, (rows, cols))[:, :, :, : r2 * gh, : c2 * gw]
-    means = grid.unflatten(4, (c2, gw)).unflatten(3, (r2, gh)).mean(dim=(4, 6))  # [B, H, S, r2, c2, d]
-    if len(frames) != layout.frames:
-        means = means.index_select(2, torch.tensor(frames, dtype=torch.long, device=q.device))
-    return means.reshape(b, h, len(frames) * r2 * c2, 1, d)
+    cells = grid.unflatten(4, (c2, gw)).unflatten(3, (r2, gh))  # [B, H, S, r2, gh, c2, gw, d]
+    return [cells[:, :, :, :, a, :, c] for a in range(gh) for c in range(gw)]
 
 
-def kv_scores(qbar: torch.Tensor, k: torch.Tensor, layout: TokenLayout, score: str) -> torch.Tensor:
-    """Score of every patch token of every frame as a key, ``[B, H, S, patches]`` (higher = keep).
+def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], keep: int,
+                  workspace: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced queries and the unmerge map.
 
-    ``qbar`` is the mean query ``[B, H, d]`` for ``"query_mean"`` or the summary queries
-    ``[B, H, d, T]`` for ``"query_summary"`` (see :func:`summary_queries`)."""
-    b, h, n, d = k.shape
-    if score == "query_mean":
-        s = (k @ qbar[..., None]).view(b, h, layout.frames, layout.tokens_per_frame)
-    elif score == "query_summary":
-        # qbar [B, H, d, T]: one summary query per token type; a key's score is its best
-        # per-frame log-softmax weight under any summary, so keys that matter to the camera
-        # and register tokens survive even when the patch queries ignore them.
-        logits = (k @ qbar).view(b, h, layout.frames, layout.tokens_per_frame, -1)[..., layout.special_tokens:, :]
-        return (logits - torch.logsumexp(logits, dim=3, keepdim=True)).amax(-1)
-    elif score == "key_norm":
-        s = torch.linalg.vector_norm(k, dim=-1).view(b, h, layout.frames, layout.tokens_per_frame)
-    else:
-        raise ValueError(f"kv_score must be one of {KV_SCORES}, got {score!r}")
-    return s[..., layout.special_tokens:]
-
-
-def summary_queries(q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """``[B, H, d, special_tokens + 1]``: the mean over frames of each special-token slot
-    (camera, registers), and the mean of all queries."""
+    Returns ``q_red [B, H, Nq, d]`` (protected queries first, in token order, then the members of
+    edge groups too small to reduce, then slot 0 of every full group, slot 1, ..., then the merged
+    edge groups) and ``rows [B, H, N]``: for every original token, the row of ``q_red`` whose
+    attention output it receives. ``gather_rows(out_red, rows)`` unmerges. With a workspace both
+    live in its buffers (valid until the op's next call)."""
     b, h, n, d = q.shape
-    special = q.view(b, h, layout.frames, layout.tokens_per_frame, d)[:, :, :, : layout.special_tokens].mean(2)
-    return torch.cat((special, q.mean(2, keepdim=True)), 2).transpose(-1, -2)
-
-
-def frame_patch_sums(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Sum of each frame's patch tokens, ``[B, H, S, d]`` (a mat-vec per frame, so one read of x)."""
-    b, h, n, d = x.shape
-    x5 = x.reshape(b, h, layout.frames, layout.tokens_per_frame, d)
-    if not x.is_contiguous():  # a matmul would first copy a strided x (v from the fused qkv)
-        return x5[:, :, :, layout.special_tokens:].sum(3)
-    w = torch.ones(1, layout.tokens_per_frame, dtype=x.dtype, device=x.device)
-    w[:, : layout.special_tokens] = 0
-    return (w @ x5).squeeze(-2)
-
-
-def prune_kv(
-    qbar: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, budget: int,
-    score: str = "query_mean", compensation: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Pruned keys/values.
-
-    ``qbar [B, H, d]``: the mean query (score input). Returns ``(k_red, v_red, attn_mask, kept)``:
-    ``k_red/v_red [B, H, Nk, d]`` = protected tokens, then ``budget`` kept patch tokens per
-    reducible frame, then (if ``compensation`` and anything was pruned) one compensation token per
-    reducible frame; ``attn_mask [1, 1, 1, Nk]`` is the float logit bias (``log(count)`` on the
-    compensation tokens, 0 elsewhere) or None; ``kept [B, H, F, budget]`` are the kept token
-    indices (for tests and diagnostics)."""
-    b, h, n, d = k.shape
-    dev = k.device
-    idx = static_index(layout, dev)
-    patches = layout.patches_per_frame
-    if not 1 <= budget <= patches:
-        raise ValueError(f"K/V budget must be in 1..{patches} (patch tokens per frame), got {budget}")
-    nf = len(idx.frames)
-    frames = torch.tensor(idx.frames, dtype=torch.long, device=dev)
-    k_pro, v_pro = k.index_select(2, idx.protected), v.index_select(2, idx.protected)
-    if nf == 0 or budget == patches:
-        kept = idx.reducible.expand(b, h, nf, patches)
-        return (torch.cat((k_pro, k.index_select(2, idx.reducible.reshape(-1))), 2),
-                torch.cat((v_pro, v.index_select(2, idx.reducible.reshape(-1))), 2), None, kept)
-    scores = kv_scores(qbar, k, layout, score).index_select(2, frames)  # [B, H, F, P]
-    local = scores.topk(budget, dim=-1, sorted=False).indices
-    kept = local + (frames * layout.tokens_per_frame + layout.special_tokens).view(1, 1, nf, 1)
-    k_keep = gather_per_head(k, kept.reshape(b, h, nf * budget))
-    v_keep = gather_per_head(v, kept.reshape(b, h, nf * budget))
-    parts_k, parts_v, mask = [k_pro, k_keep], [v_pro, v_keep], None
-    if compensation:
-        pruned = patches - budget
-        for x, x_keep, parts in ((k, k_keep, parts_k), (v, v_keep, parts_v)):
-            total = frame_patch_sums(x, layout).index_select(2, frames)
-            parts.append((total - x_keep.view(b, h, nf, budget, d).sum(3)) / pruned)
-        nk = k_pro.shape[2] + nf * budget + nf
-        mask = torch.zeros(1, 1, 1, nk, dtype=k.dtype, device=dev)
-        mask[..., nk - nf:] = math.log(pruned)
-    return torch.cat(parts_k, 2), torch.cat(parts_v, 2), mask, kept
-
-
-def spark3r_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, config: Spark3RConfig,
-    budget: int, scale: Optional[float] = None,
-) -> torch.Tensor:
-    """The reduced attention of one layer, output in original token order."""
-    patches = layout.patches_per_frame
-    if not config.reduces_queries and budget >= patches:
-        return exact_attention(q, k, v, scale)
-    if config.reduces_queries:
-        q_red, source = merge_queries(q, layout, config.query_group, config.query_keep)
+    dev = q.device
+    ws = workspace if workspace is not None else Workspace()
+    plan = merge_plan(layout, group, keep, dev)
+    g = group[0] * group[1]
+    gf, npass = plan.full.shape[0], plan.passthrough.numel()
+    q_red = ws.buffer("q_red", (b, h, plan.num_rows, d), q.dtype, dev)
+    rows = ws.buffer("q_rows", (b, h, n), torch.long, dev)
+    rows.copy_(plan.static_rows.expand(b, h, n))
+    first = ws.buffer("q_first", (b, h, plan.num_rows), torch.long, dev)
+    first[..., :npass] = plan.passthrough
+    pairs = gf and g == 4 and keep == 2
+    if pairs:
+        views = group_member_views(q, layout, group)
+        best = pair_choice(views).index_select(2, plan.frames).reshape(b, h, gf)
+        order = plan.pair_members[best]  # [B, H, Gf, 4]: slot 0 first/second, slot 1 first/second
+        members = plan.full.expand(b, h, gf, 4).gather(3, order)
+        first[..., npass:npass + gf] = members[..., 0]
+        first[..., npass + gf:npass + 2 * gf] = members[..., 2]
+        first[..., npass + 2 * gf:] = 0  # partial groups that merge: written below
+        gather_rows(q, first, out=q_red)
+        second = ws.buffer("q_second", (b, h, 2 * gf), torch.long, dev)
+        second[..., :gf] = members[..., 1]
+        second[..., gf:] = members[..., 3]
+        partners = gather_rows(q, second, out=ws.buffer("q_partner", (b, h, 2 * gf, d), q.dtype, dev))
+        q_red[:, :, npass:npass + 2 * gf].lerp_(partners, 0.5)
+        slot = plan.pair_slots[best]  # [B, H, Gf, 4]
     else:
-        q_red, source = q, None
-    if budget < patches:
-        # The mean of the queries that actually attend (merging keeps pair means, so this is
-        # the plain query mean up to the weighting of merged groups) — half the read of q.
-        qbar = summary_queries(q, layout) if config.kv_score == "query_summary" else q_red.mean(dim=2)
-        k_red, v_red, mask, _ = prune_kv(qbar, k, v, layout, budget, config.kv_score, config.kv_compensation)
-    else:
-        k_red, v_red, mask = k, v, None
-    out = exact_attention(q_red, k_red, v_red, scale, attn_mask=mask)
-    out = out if source is None else gather_per_head(out, source)
-    if config.dense_queries and budget < patches:
-        special = special_index(layout, min(config.dense_queries, layout.special_tokens), q.device)
-        out[:, :, special] = exact_attention(q.index_select(2, special), k, v, scale)
-    return out
+        first[..., npass:] = 0
+        gather_rows(q, first, out=q_red)
+    if gf and not pairs:
+        if keep == 1:
+            means, slot = group_means(q, layout, group, plan.frames), None
+        else:
+            xf = gather_rows(q, plan.full.reshape(1, 1, -1).expand(b, h, gf * g)).view(b, h, gf, g, d)
+            means, slot = merge_greedy(xf, torch.ones(gf, g, dtype=torch.bool, device=dev), keep)
+        q_red[:, :, npass:npass + gf * keep] = means.transpose(2, 3).reshape(b, h, keep * gf, d)
+        if slot is None:
+            slot = torch.zeros(b, h, gf, g, dtype=torch.long, device=dev)
+    if gf:
+        pos = npass + slot * gf + torch.arange(gf, device=dev).view(1, 1, gf, 1)
+        rows.index_copy_(2, plan.full.reshape(-1), pos.reshape(b, h, gf * g))
+    gp = plan.partial.shape[0]
+    if gp:
+        offset = npass + gf * keep
+        xp = gather_rows(q, plan.partial.reshape(1, 1, -1).expand(b, h, gp * g)).view(b, h, gp, g, d)
+        merged, pslot = merge_greedy(xp, plan.partial_valid, keep)
+        # Keep only the real output slots (a partial group of size s has min(keep, s) of them).
+        real = (torch.arange(keep, device=dev)[None, :] < plan.partial_keep[:, None]).reshape(-1)
+        q_red[:, :, offset:] = merged.reshape(b, h, gp * keep, d)[:, :, real]
+        starts = torch.cumsum(plan.partial_keep, 0) - plan.partial_keep
+        pos = offset + starts.view(1, 1, gp, 1) + pslot
+        rows[:, :, plan.partial[plan.partial_valid]] = pos[:, :, plan.partial_valid]
+    return q_red, rows
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything about the query reduction that depends only on the layout."""
+
+    passthrough: torch.Tensor     # [Npass] tokens that keep a row of their own (protected first)
+    full: torch.Tensor            # [Gf, g] full groups
+    partial: torch.Tensor         # [Gp, g] edge groups larger than `keep` (padded)
+    partial_valid: torch.Tensor   # [Gp, g]
+    partial_keep: torch.Tensor    # [Gp]
+    frames: torch.Tensor          # reducible frames (full groups are frame-major over them)
+    static_rows: torch.Tensor     # [N] row of every pass-through token (-1 elsewhere)
+    pair_members: torch.Tensor    # [3, 4] members in (slot 0 first, second, slot 1 first, second) order
+    pair_slots: torch.Tensor      # [3, 4] slot of each member
+    num_rows: int
+
+
+@lru_cache(maxsize=64)
+def _merge_plan(key: tuple, group: tuple[int, int], keep: int, device: str) -> MergePlan:
+    frames, tpf, special, grid, ref = key
+    layout = TokenLayout(frames, tpf, special, grid, ref)
+    idx = static_index(layout, "cpu")
+    groups = query_groups(layout, group, keep, "cpu")
+    small = groups.partial_valid.sum(1) <= keep  # edge groups that keep every member
+    passthrough = torch.cat((idx.protected, groups.partial[small][groups.partial_valid[small]]))
+    rows = torch.full((layout.num_tokens,), -1, dtype=torch.long)
+    rows[passthrough] = torch.arange(passthrough.numel())
+    partial, valid = groups.partial[~small], groups.partial_valid[~small]
+    part_keep = valid.sum(1).clamp(max=keep)
+    num_rows = passthrough.numel() + groups.full.shape[0] * keep + int(part_keep.sum())
+    members = torch.tensor([[*s0, *s1] for s0, s1 in _PAIR_MEMBERS])
+    plan = MergePlan(passthrough, groups.full, partial, valid, part_keep, torch.tensor(idx.frames, dtype=torch.long),
+                     rows, members, torch.tensor(_PAIR_SLOTS), num_rows)
+    return MergePlan(**{f: (getattr(plan, f).to(device) if isinstance(getattr(plan, f), torch.Tensor) else getattr(plan, f))
+                        for f in plan.__dataclass_fields__})
+
+
+def merge_plan(layout: TokenLayout, group: tuple[int, int], keep: int, device) -> MergePlan:
+    return _merge_plan(layout_key(layout), tuple(group), int(keep), str(torch.device(device)))
+
+
+def group_means(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], frames: torch.Tensor) -> torch.Tensor:
+    """Means of the full groups of the given frames, ``[B, H, G, 1, d]`` in the order of
+    :class:`QueryGroups` ``.full``, read straight from strided views of q (no gather)."""
+    b, h, _, d = q.shape
+    views = group_member_views(q, layout, group)
+    means = torch.stack(views).mean(0).index_select(2, frames)  # [B, H, F, r2, c2, d]
+    return means.reshape(b, h, -1, 1, d)
+
+
+def unmerge(out_red: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Copy every token's output row back: ``out_red [B, H, Nq, d]``, ``rows [B, H, N]`` ->
+    ``out`` (a ``[B, N, H, d]`` buffer), returned as the ``[B, H, N, d]`` view of it."""
+    b, h, n = rows.shape
+    src, head_row, step = row_view(out_red)
+    index = (rows * step + head_row).permute(0, 2, 1).reshape(-1)
+    torch.index_select(src, 0, index, out=out.view(-1, out.shape[-1]))
+    return out.permute(0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key/value pruning
 
 
 def special_index(layout: TokenLayout, count: int, device) -> torch.Tensor:
@@ -377,12 +355,151 @@ def special_index(layout: TokenLayout, count: int, device) -> torch.Tensor:
     return (torch.arange(layout.frames, device=device)[:, None] * layout.tokens_per_frame + tokens).reshape(-1)
 
 
+def summary_queries(q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """``[B, H, special_tokens + 1, d]``: the mean over frames of each special-token slot
+    (camera, registers), and the mean of all queries."""
+    b, h, n, d = q.shape
+    special = q.unflatten(2, (layout.frames, layout.tokens_per_frame))[:, :, :, : layout.special_tokens].mean(2)
+    return torch.cat((special, q.mean(2, keepdim=True)), 2)
+
+
+def score_queries(q: torch.Tensor, q_red: torch.Tensor, layout: TokenLayout, score: str) -> Optional[torch.Tensor]:
+    """The queries whose logits score the keys, ``[B, H, T, d]`` (None for ``key_norm``):
+    ``query_mean`` = the mean of the queries that actually attend (merging keeps pair means, so
+    this is the plain query mean up to the weighting of merged groups — half the read of q);
+    ``query_summary`` = :func:`summary_queries`."""
+    if score == "query_mean":
+        return q_red.mean(2, keepdim=True)
+    if score == "query_summary":
+        return summary_queries(q, layout)
+    if score == "key_norm":
+        return None
+    raise ValueError(f"kv_score must be one of {KV_SCORES}, got {score!r}")
+
+
+def kv_scores(logits: Optional[torch.Tensor], k: torch.Tensor, layout: TokenLayout, score: str) -> torch.Tensor:
+    """Score of every patch token of every frame as a key, ``[B, H, S, patches]`` (higher = keep),
+    from the score queries' logits ``[B, H, T, N]`` (``logits = score_queries(...) @ k^T``).
+
+    ``query_summary``: a key's score is its best per-frame log-softmax weight under any summary
+    query, so keys that matter to the camera and register tokens survive even when the patch
+    queries ignore them."""
+    b, h, n, d = k.shape
+    s, tpf, sp = layout.frames, layout.tokens_per_frame, layout.special_tokens
+    if score == "query_mean":
+        return logits[:, :, 0].reshape(b, h, s, tpf)[..., sp:]
+    if score == "query_summary":
+        per_frame = logits.unflatten(3, (s, tpf))[..., sp:]  # [B, H, T, S, P]
+        return (per_frame - torch.logsumexp(per_frame, dim=-1, keepdim=True)).amax(2)
+    if score == "key_norm":
+        return torch.linalg.vector_norm(k, dim=-1).reshape(b, h, s, tpf)[..., sp:]
+    raise ValueError(f"kv_score must be one of {KV_SCORES}, got {score!r}")
+
+
+@dataclass
+class PrunedKV:
+    """Pruned keys/values: ``k/v [B, H, Nk, d]`` = protected tokens (token order), then ``budget``
+    kept patch tokens per reducible frame; ``k_extra/v_extra [B, H, F, d]`` the compensation
+    tokens (mean of each frame's pruned tokens) whose logits get ``+ bias = log(pruned count)``,
+    or None; ``kept [B, H, F, budget]`` the kept token indices."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_extra: Optional[torch.Tensor]
+    v_extra: Optional[torch.Tensor]
+    bias: Optional[float]
+    kept: torch.Tensor
+
+
+def prune_kv(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, budget: int,
+             compensation: bool = True, workspace: Optional[Workspace] = None) -> PrunedKV:
+    """Keep the ``budget`` best-scoring patch tokens (``scores [B, H, S, patches]``, see
+    :func:`kv_scores`) of every reducible frame, per head, plus every protected token."""
+    b, h, n, d = k.shape
+    dev = k.device
+    idx = static_index(layout, dev)
+    patches = layout.patches_per_frame
+    if not 1 <= budget <= patches:
+        raise ValueError(f"K/V budget must be in 1..{patches} (patch tokens per frame), got {budget}")
+    nf, npro = len(idx.frames), idx.protected.numel()
+    frames = torch.tensor(idx.frames, dtype=torch.long, device=dev)
+    if budget == patches:
+        kept = idx.reducible.expand(b, h, nf, patches)
+    else:
+        local = scores.index_select(2, frames).topk(budget, dim=-1, sorted=False).indices
+        kept = local + (frames * layout.tokens_per_frame + layout.special_tokens).view(1, 1, nf, 1)
+    ws = workspace if workspace is not None else Workspace()
+    nk = npro + nf * budget
+    index = ws.buffer("kv_index", (b, h, nk), torch.long, dev)
+    index[..., :npro] = idx.protected
+    index[..., npro:] = kept.reshape(b, h, nf * budget)
+    k_red = gather_rows(k, index, out=ws.buffer("k_red", (b, h, nk, d), k.dtype, dev))
+    v_red = gather_rows(v, index, out=ws.buffer("v_red", (b, h, nk, d), v.dtype, dev))
+    if not compensation or budget == patches or nf == 0:
+        return PrunedKV(k_red, v_red, None, None, None, kept)
+    pruned = patches - budget
+    extra = []
+    for x, x_red in ((k, k_red), (v, v_red)):
+        total = x.unflatten(2, (layout.frames, layout.tokens_per_frame))[:, :, :, layout.special_tokens:].sum(3)
+        kept_sum = x_red[:, :, npro:].unflatten(2, (nf, budget)).sum(3)
+        extra.append(total.index_select(2, frames).sub_(kept_sum).div_(pruned))
+    return PrunedKV(k_red, v_red, extra[0], extra[1], math.log(pruned), kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reduced attention of one layer
+
+
+def spark3r_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, config: Spark3RConfig,
+    budget: int, scale: Optional[float] = None, workspace: Optional[Workspace] = None,
+) -> torch.Tensor:
+    """The reduced attention of one layer, output in original token order (``[B, H, N, d]``; with
+    reduced queries a view of a ``[B, N, H, d]`` buffer). ``workspace``: reuse buffers across
+    calls (see :class:`Workspace`)."""
+    patches = layout.patches_per_frame
+    prunes = budget < patches
+    if (not config.reduces_queries and not prunes) or not static_index(layout, q.device).frames:
+        return exact_attention(q, k, v, scale)
+    ws = workspace if workspace is not None else Workspace()
+    b, h, n, d = q.shape
+    if config.reduces_queries:
+        q_red, rows = merge_queries(q, layout, config.query_group, config.query_keep, ws)
+    else:
+        q_red, rows = q, None
+    dense = min(config.dense_queries, layout.special_tokens) if prunes else 0
+    if prunes:
+        # One matmul over all keys gives the score queries' logits and, for the dense queries,
+        # their exact logits (the camera tokens see every key).
+        scorers = score_queries(q, q_red, layout, config.kv_score)
+        cams = special_index(layout, dense, q.device) if dense else None
+        probes = [p for p in (scorers, None if cams is None else q.index_select(2, cams)) if p is not None]
+        logits = torch.matmul(torch.cat(probes, 2), k.transpose(-1, -2)) if probes else None
+        score_logits = None if scorers is None else logits[:, :, : scorers.shape[2]]
+        kv = prune_kv(kv_scores(score_logits, k, layout, config.kv_score), k, v, layout, budget,
+                      config.kv_compensation, ws)
+        if kv.k_extra is None:
+            out_red = exact_attention(q_red, kv.k, kv.v, scale)
+        else:
+            out_red = attention_with_extra_keys(q_red, kv.k, kv.v, kv.k_extra, kv.v_extra, kv.bias, scale)
+    else:
+        out_red = exact_attention(q_red, k, v, scale)
+    out = out_red if rows is None else unmerge(out_red, rows, ws.output((b, n, h, d), q.dtype, q.device))
+    if dense:
+        cam_logits = logits[:, :, logits.shape[2] - cams.numel():].float() * (d ** -0.5 if scale is None else scale)
+        out[:, :, cams] = torch.matmul(torch.softmax(cam_logits, -1).to(v.dtype), v)
+    return out
+
+
 class Spark3ROp:
     """The global-attention op (``GlobalAttentionOp``) for one model: config + resolved schedule."""
 
     def __init__(self, config: Spark3RConfig, schedule: KVSchedule) -> None:
         self.config = config
         self.schedule = schedule
+        # Buffers shared by all layers of a forward (same shapes); per thread. The op's result
+        # buffer is recycled only once the caller has dropped the previous result.
+        self.workspace = Workspace()
 
     def budget(self, layout: TokenLayout) -> int:
         return self.schedule.kv_budget(layout.layer, layout.frames, layout.patches_per_frame)
@@ -396,7 +513,7 @@ class Spark3ROp:
         if layout.num_layers != self.schedule.num_layers:
             raise ValueError(f"the schedule has {self.schedule.num_layers} layers but the model reports "
                              f"{layout.num_layers} global layers")
-        return spark3r_attention(q, k, v, layout, self.config, self.budget(layout), scale)
+        return spark3r_attention(q, k, v, layout, self.config, self.budget(layout), scale, self.workspace)
 
     def reduced_sizes(self, layout: TokenLayout) -> tuple[int, int]:
         """(queries, keys) the layer's attention runs on — closed form, matches the op exactly."""
@@ -425,8 +542,9 @@ def spark3r_sizes(layout: TokenLayout, config: Spark3RConfig, budget: int) -> tu
 def spark3r_overhead_flops(layout: TokenLayout, config: Spark3RConfig, budget: int, heads: int, head_dim: int,
                            batch: int = 1) -> int:
     """Arithmetic outside the attention matmuls, per layer (counted so the FLOP model is honest):
-    the 4x4 Gram matrix, cosine and pair-mean matmul per 4-group (greedy: g^2 dots per step), the
-    mean query and the score mat-vec, and the per-frame sums for the compensation tokens."""
+    the pairing decision (four differences, two dot products) and the pair means per 4-group
+    (greedy: g^2 distances per step), the mean query and the score mat-vec, the dense queries'
+    softmax and value product, and the per-frame sums for the compensation tokens."""
     bh = batch * heads
     d = head_dim
     n = layout.num_tokens
@@ -440,9 +558,9 @@ def spark3r_overhead_flops(layout: TokenLayout, config: Spark3RConfig, budget: i
         if keep == 1:
             flops += reducible * d
         elif g == 4 and keep == 2:
-            flops += groups * (16 * 2 * d + 3 * 16 + 2 * 4 * 2 * d)
+            flops += groups * (4 * d + 2 * 2 * d + 2 * 3 * d)
         else:
-            flops += groups * (g - keep) * (g * g * 2 * d + 3 * g * d)
+            flops += groups * (g - keep) * (g * g * 3 * d + 3 * g * d)
     if budget < patches and config.dense_queries:
         flops += 4 * layout.frames * min(config.dense_queries, layout.special_tokens) * n * d  # over all keys
     if budget < patches and config.kv_score == "query_summary":
