@@ -478,6 +478,9 @@ def spark3r_attention(
         score_logits = None if scorers is None else logits[:, :, : scorers.shape[2]]
         kv = prune_kv(kv_scores(score_logits, k, layout, config.kv_score), k, v, layout, budget,
                       config.kv_compensation, ws)
+        if dense:  # while v is still in cache from the pruning
+            cam_logits = logits[:, :, logits.shape[2] - cams.numel():].float() * (d ** -0.5 if scale is None else scale)
+            cam_out = torch.matmul(torch.softmax(cam_logits, -1).to(v.dtype), v)
         if kv.k_extra is None:
             out_red = exact_attention(q_red, kv.k, kv.v, scale)
         else:
@@ -486,8 +489,7 @@ def spark3r_attention(
         out_red = exact_attention(q_red, k, v, scale)
     out = out_red if rows is None else unmerge(out_red, rows, ws.output((b, n, h, d), q.dtype, q.device))
     if dense:
-        cam_logits = logits[:, :, logits.shape[2] - cams.numel():].float() * (d ** -0.5 if scale is None else scale)
-        out[:, :, cams] = torch.matmul(torch.softmax(cam_logits, -1).to(v.dtype), v)
+        out[:, :, cams] = cam_out
     return out
 
 
