@@ -303,3 +303,29 @@ def test_spark3r_reads_v_as_a_strided_view_of_the_fused_projection():
     assert not v_view.is_contiguous()
     op = build_op("spark3r", 2, schedule=KVSchedule((0.2, 0.2)))
     torch.testing.assert_close(op(q, k, v_view, LAYOUT), op(q, k, v, LAYOUT), rtol=1e-6, atol=1e-6)
+
+
+def test_half_precision_compensation_is_as_exact_as_its_rounding_and_the_op_runs_in_half():
+    # The compensation token is (frame total - kept sum) / pruned: accumulated in fp32 its error
+    # is the bf16 rounding of the result itself (half-precision sums would double it).
+    layout = TokenLayout(4, 1 + 24 * 24, 1, (24, 24), 0, layer=0, num_layers=2)
+    g = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, 2, layout.num_tokens, 32, generator=g) + 0.5 for _ in range(3))
+    scores = mean_query_scores(q, k, layout)
+    exact = prune_kv(scores, k, v, layout, 60)
+    half = prune_kv(scores, k.bfloat16(), v.bfloat16(), layout, 60)
+    for got, ref in ((half.k_extra, exact.k_extra), (half.v_extra, exact.v_extra)):
+        rounding = torch.linalg.vector_norm(ref.bfloat16().float() - ref)
+        assert got.dtype == torch.bfloat16
+        assert torch.linalg.vector_norm(got.float() - ref) <= 1.3 * rounding
+    out = build_op("spark3r", 2, schedule=KVSchedule((0.2, 0.2)))(q.half(), k.half(), v.half(), layout)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_gradients_are_refused_with_a_clear_error():
+    q, k, v = qkv(seed=14)
+    q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        build_op("spark3r", 2, schedule=KVSchedule((0.2, 0.2)))(q, k, v, LAYOUT)
+    with torch.no_grad():
+        assert build_op("spark3r", 2, schedule=KVSchedule((0.2, 0.2)))(q, k, v, LAYOUT).shape == q.shape

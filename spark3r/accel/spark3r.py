@@ -440,9 +440,11 @@ def prune_kv(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Tok
     pruned = patches - budget
     extra = []
     for x, x_red in ((k, k_red), (v, v_red)):
-        total = x.unflatten(2, (layout.frames, layout.tokens_per_frame))[:, :, :, layout.special_tokens:].sum(3)
-        kept_sum = x_red[:, :, npro:].unflatten(2, (nf, budget)).sum(3)
-        extra.append(total.index_select(2, frames).sub_(kept_sum).div_(pruned))
+        # fp32 sums: total - kept cancels, which half precision would not survive
+        patch_sums = x.unflatten(2, (layout.frames, layout.tokens_per_frame))[:, :, :, layout.special_tokens:]
+        total = patch_sums.sum(3, dtype=torch.float32).index_select(2, frames)
+        kept_sum = x_red[:, :, npro:].unflatten(2, (nf, budget)).sum(3, dtype=torch.float32)
+        extra.append(total.sub_(kept_sum).div_(pruned).to(x.dtype))
     return PrunedKV(k_red, v_red, extra[0], extra[1], math.log(pruned), kept)
 
 
@@ -461,6 +463,9 @@ def spark3r_attention(
     prunes = budget < patches
     if (not config.reduces_queries and not prunes) or not static_index(layout, q.device).frames:
         return exact_attention(q, k, v, scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("spark3r token reduction is inference-only (training-free): run the model under "
+                           "torch.inference_mode() or torch.no_grad()")
     ws = workspace if workspace is not None else Workspace()
     b, h, n, d = q.shape
     if config.reduces_queries:
