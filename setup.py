@@ -15,7 +15,7 @@ setup(
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         ("share/" + package_name + "/config", glob("config/*")),
     ],
-    package_data={"spark3r_ros": ["dds/*.xml"]},
+    package_data={"spark3r_ros": ["dds/*.xml"], "spark3r.accel.native": ["*.c"]},
     include_package_data=True,
     python_requires=">=3.10",
     # Runtime Python deps; ROS message packages come from the ROS install (package.xml) or,
@@ -30,7 +30,7 @@ setup(
         "opencv-python-headless",
     ],
     extras_require={"test": ["pytest"]},
-    zip_safe=True,
+    zip_safe=False,  # the native kernels are compiled from their installed .c sources
     maintainer="spark3r_ros maintainers",
     maintainer_email="spark3r@example.org",
     description="ROS 2 mapping node: feed-forward 3D reconstruction (VGGT, pi3, DA3) accelerated by Spark3R token reduction.",

@@ -207,7 +207,8 @@ def attention_with_extra_keys(
     On CPU: the flash kernel on k/v returns the log-sum-exp, and the E extra keys are folded in
     afterwards (``combine_extra_keys``) — a float mask in the kernel would cost ~7 % of the
     reduced attention. Elsewhere: one SDPA call over the concatenation with a float mask."""
-    if _CPU_FLASH is not None and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_extra, v_extra))
+    if _CPU_FLASH is not None and q.device.type == "cpu" and not needs_grad:  # combine works in place
         out, lse = _CPU_FLASH(q, k, v, 0.0, False, scale=scale)
         return combine_extra_keys(out, lse, q, k_extra, v_extra, bias, scale)
     return masked_attention_with_extra_keys(q, k, v, k_extra, v_extra, bias, scale)

@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import native
 from .common import (Workspace, attention_with_extra_keys, check_qkv, exact_attention, gather_rows, layout_key,
                      row_view, static_index)
 from .layout import TokenLayout
@@ -229,20 +230,32 @@ def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], 
     edge groups too small to reduce, then slot 0 of every full group, slot 1, ..., then the merged
     edge groups) and ``rows [B, H, N]``: for every original token, the row of ``q_red`` whose
     attention output it receives. ``gather_rows(out_red, rows)`` unmerges. With a workspace both
-    live in its buffers (valid until the op's next call)."""
+    live in its buffers (valid until the op's next call); without one they are fresh tensors and
+    q_red is differentiable."""
     b, h, n, d = q.shape
     dev = q.device
-    ws = workspace if workspace is not None else Workspace()
+    ws = workspace
     plan = merge_plan(layout, group, keep, dev)
     g = group[0] * group[1]
     gf, npass = plan.full.shape[0], plan.passthrough.numel()
-    q_red = ws.buffer("q_red", (b, h, plan.num_rows, d), q.dtype, dev)
-    rows = ws.buffer("q_rows", (b, h, n), torch.long, dev)
+    q_red = None if ws is None else ws.buffer("q_red", (b, h, plan.num_rows, d), q.dtype, dev)
+    rows = _scratch(ws, "q_rows", (b, h, n), torch.long, dev)
     rows.copy_(plan.static_rows.expand(b, h, n))
-    first = ws.buffer("q_first", (b, h, plan.num_rows), torch.long, dev)
-    first[..., :npass] = plan.passthrough
     pairs = gf and g == 4 and keep == 2
-    if pairs:
+    if pairs and ws is not None and native.pair_merge_usable(q):
+        # Fused kernel: one pass reads each group's four queries and writes both pair means
+        # (the eager branch below is its reference).
+        q_red[:, :, :npass] = gather_rows(q, plan.passthrough.expand(b, h, npass),
+                                          out=ws.buffer("q_pass", (b, h, npass, d), q.dtype, dev))
+        best = _scratch(ws, "q_best", (b, h, gf), torch.long, dev)
+        q_rows, head_row, step = row_view(q)
+        native.pair_merge(q_rows, head_row.reshape(-1), step, plan.full, q_red, npass, best)
+        slot = plan.pair_slots[best]
+        first = None
+    else:
+        first = _scratch(ws, "q_first", (b, h, plan.num_rows), torch.long, dev)
+        first[..., :npass] = plan.passthrough
+    if pairs and first is not None:
         views = group_member_views(q, layout, group)
         best = pair_choice(views).index_select(2, plan.frames).reshape(b, h, gf)
         order = plan.pair_members[best]  # [B, H, Gf, 4]: slot 0 first/second, slot 1 first/second
@@ -250,16 +263,16 @@ def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], 
         first[..., npass:npass + gf] = members[..., 0]
         first[..., npass + gf:npass + 2 * gf] = members[..., 2]
         first[..., npass + 2 * gf:] = 0  # partial groups that merge: written below
-        gather_rows(q, first, out=q_red)
-        second = ws.buffer("q_second", (b, h, 2 * gf), torch.long, dev)
+        q_red = gather_rows(q, first, out=q_red)
+        second = _scratch(ws, "q_second", (b, h, 2 * gf), torch.long, dev)
         second[..., :gf] = members[..., 1]
         second[..., gf:] = members[..., 3]
-        partners = gather_rows(q, second, out=ws.buffer("q_partner", (b, h, 2 * gf, d), q.dtype, dev))
+        partners = gather_rows(q, second, out=None if ws is None else ws.buffer("q_partner", (b, h, 2 * gf, d), q.dtype, dev))
         q_red[:, :, npass:npass + 2 * gf].lerp_(partners, 0.5)
         slot = plan.pair_slots[best]  # [B, H, Gf, 4]
-    else:
+    elif first is not None:
         first[..., npass:] = 0
-        gather_rows(q, first, out=q_red)
+        q_red = gather_rows(q, first, out=q_red)
     if gf and not pairs:
         if keep == 1:
             means, slot = group_means(q, layout, group, plan.frames), None
@@ -335,13 +348,20 @@ def group_means(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], fr
     return means.reshape(b, h, -1, 1, d)
 
 
-def unmerge(out_red: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Copy every token's output row back: ``out_red [B, H, Nq, d]``, ``rows [B, H, N]`` ->
-    ``out`` (a ``[B, N, H, d]`` buffer), returned as the ``[B, H, N, d]`` view of it."""
+def _scratch(ws: Optional[Workspace], name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device) if ws is None else ws.buffer(name, shape, dtype, device)
+
+
+def unmerge(out_red: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Copy every token's output row back: ``out_red [B, H, Nq, d]``, ``rows [B, H, N]`` -> the
+    ``[B, H, N, d]`` view of a ``[B, N, H, d]`` tensor (``out`` if given)."""
     b, h, n = rows.shape
+    d = out_red.shape[-1]
     src, head_row, step = row_view(out_red)
     index = (rows * step + head_row).permute(0, 2, 1).reshape(-1)
-    torch.index_select(src, 0, index, out=out.view(-1, out.shape[-1]))
+    if out is None:
+        return src.index_select(0, index).view(b, n, h, d).permute(0, 2, 1, 3)
+    torch.index_select(src, 0, index, out=out.view(-1, d))
     return out.permute(0, 2, 1, 3)
 
 
@@ -428,13 +448,13 @@ def prune_kv(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Tok
     else:
         local = scores.index_select(2, frames).topk(budget, dim=-1, sorted=False).indices
         kept = local + (frames * layout.tokens_per_frame + layout.special_tokens).view(1, 1, nf, 1)
-    ws = workspace if workspace is not None else Workspace()
+    ws = workspace
     nk = npro + nf * budget
-    index = ws.buffer("kv_index", (b, h, nk), torch.long, dev)
+    index = _scratch(ws, "kv_index", (b, h, nk), torch.long, dev)
     index[..., :npro] = idx.protected
     index[..., npro:] = kept.reshape(b, h, nf * budget)
-    k_red = gather_rows(k, index, out=ws.buffer("k_red", (b, h, nk, d), k.dtype, dev))
-    v_red = gather_rows(v, index, out=ws.buffer("v_red", (b, h, nk, d), v.dtype, dev))
+    k_red = gather_rows(k, index, out=None if ws is None else ws.buffer("k_red", (b, h, nk, d), k.dtype, dev))
+    v_red = gather_rows(v, index, out=None if ws is None else ws.buffer("v_red", (b, h, nk, d), v.dtype, dev))
     if not compensation or budget == patches or nf == 0:
         return PrunedKV(k_red, v_red, None, None, None, kept)
     pruned = patches - budget
@@ -463,10 +483,10 @@ def spark3r_attention(
     prunes = budget < patches
     if (not config.reduces_queries and not prunes) or not static_index(layout, q.device).frames:
         return exact_attention(q, k, v, scale)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise RuntimeError("spark3r token reduction is inference-only (training-free): run the model under "
-                           "torch.inference_mode() or torch.no_grad()")
-    ws = workspace if workspace is not None else Workspace()
+    # Reused buffers are written with out= ops, which autograd cannot follow: with gradients
+    # the same computation runs on fresh tensors.
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ws = None if grad else workspace
     b, h, n, d = q.shape
     if config.reduces_queries:
         q_red, rows = merge_queries(q, layout, config.query_group, config.query_keep, ws)
@@ -492,7 +512,7 @@ def spark3r_attention(
             out_red = attention_with_extra_keys(q_red, kv.k, kv.v, kv.k_extra, kv.v_extra, kv.bias, scale)
     else:
         out_red = exact_attention(q_red, k, v, scale)
-    out = out_red if rows is None else unmerge(out_red, rows, ws.output((b, n, h, d), q.dtype, q.device))
+    out = out_red if rows is None else unmerge(out_red, rows, None if ws is None else ws.output((b, n, h, d), q.dtype, q.device))
     if dense:
         out[:, :, cams] = cam_out
     return out
