@@ -18,8 +18,9 @@ view stays represented. The budget per layer comes from a :class:`KVSchedule`.
 Protected in both roles: the special tokens of every frame and all tokens of the reference frame.
 q/k arrive after RoPE, so merged and kept tokens need no new positions.
 
-Data path (what keeps the op near its FLOP bound on CPU): the pairing is decided on strided
-views of q, the reduced queries and keys/values are gathered with one ``index_select`` each into
+Data path (what keeps the op near its FLOP bound on CPU): the 2x2 -> 2 merge is one pass of a
+fused C kernel (``native/pair_merge.c``; its eager twin decides on strided views of q and
+gathers), the reduced queries and keys/values are gathered with one ``index_select`` each into
 buffers reused across calls, the scoring mat-vec also yields the camera queries' logits over all
 keys, the compensation tokens are folded into the flash kernel's result through its
 log-sum-exp instead of a float mask, and the unmerge writes the output in ``[B, N, H, d]``
