@@ -45,7 +45,7 @@ PRESETS: dict[str, BenchPreset] = {
     "cpu-quick": BenchPreset("vggt-tiny", 8, (392, 518), "model", repeats=2,
                              note="vggt-tiny, seeded-v1 weights, full model"),
     # The attention op alone at VGGT-1B head shape (16 x 64), 16 frames of 518x392 (16656 tokens).
-    "cpu-attn": BenchPreset("vggt-1b", 16, (392, 518), "attention", repeats=3,
+    "cpu-attn": BenchPreset("vggt-1b", 16, (392, 518), "attention", repeats=5,
                             note="one global layer of VGGT-1B shape on synthetic q/k/v"),
     # Seconds: for tests and smoke runs.
     "tiny": BenchPreset("vggt-tiny", 2, (56, 70), "model", repeats=1, note="smoke test size"),
