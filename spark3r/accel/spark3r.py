@@ -242,7 +242,7 @@ def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], 
     q_red = None if ws is None else ws.buffer("q_red", (b, h, plan.num_rows, d), q.dtype, dev)
     rows = _scratch(ws, "q_rows", (b, h, n), torch.long, dev)
     rows.copy_(plan.static_rows.expand(b, h, n))
-    pairs = gf and g == 4 and keep == 2
+    pairs = bool(gf) and g == 4 and keep == 2  # the default 2x2 -> 2: optimal pairing
     if pairs and ws is not None and native.pair_merge_usable(q):
         # Fused kernel: one pass reads each group's four queries and writes both pair means
         # (the eager branch below is its reference).
@@ -251,38 +251,36 @@ def merge_queries(q: torch.Tensor, layout: TokenLayout, group: tuple[int, int], 
         best = _scratch(ws, "q_best", (b, h, gf), torch.long, dev)
         q_rows, head_row, step = row_view(q)
         native.pair_merge(q_rows, head_row.reshape(-1), step, plan.full, q_red, npass, best)
-        slot = plan.pair_slots[best]
-        first = None
     else:
+        # Every row starts as a copy of one token: pass-through tokens, and for pairs the first
+        # member of each slot, which the second member is then averaged into.
         first = _scratch(ws, "q_first", (b, h, plan.num_rows), torch.long, dev)
         first[..., :npass] = plan.passthrough
-    if pairs and first is not None:
-        views = group_member_views(q, layout, group)
-        best = pair_choice(views).index_select(2, plan.frames).reshape(b, h, gf)
-        order = plan.pair_members[best]  # [B, H, Gf, 4]: slot 0 first/second, slot 1 first/second
-        members = plan.full.expand(b, h, gf, 4).gather(3, order)
-        first[..., npass:npass + gf] = members[..., 0]
-        first[..., npass + gf:npass + 2 * gf] = members[..., 2]
-        first[..., npass + 2 * gf:] = 0  # partial groups that merge: written below
+        first[..., npass:] = 0  # rows of the other merges: written below
+        if pairs:
+            best = pair_choice(group_member_views(q, layout, group)).index_select(2, plan.frames).reshape(b, h, gf)
+            order = plan.pair_members[best]  # [B, H, Gf, 4]: slot 0 first/second, slot 1 first/second
+            members = plan.full.expand(b, h, gf, 4).gather(3, order)
+            first[..., npass:npass + gf] = members[..., 0]
+            first[..., npass + gf:npass + 2 * gf] = members[..., 2]
         q_red = gather_rows(q, first, out=q_red)
-        second = _scratch(ws, "q_second", (b, h, 2 * gf), torch.long, dev)
-        second[..., :gf] = members[..., 1]
-        second[..., gf:] = members[..., 3]
-        partners = gather_rows(q, second, out=None if ws is None else ws.buffer("q_partner", (b, h, 2 * gf, d), q.dtype, dev))
-        q_red[:, :, npass:npass + 2 * gf].lerp_(partners, 0.5)
+        if pairs:
+            second = _scratch(ws, "q_second", (b, h, 2 * gf), torch.long, dev)
+            second[..., :gf] = members[..., 1]
+            second[..., gf:] = members[..., 3]
+            partners = gather_rows(q, second, out=None if ws is None else
+                                   ws.buffer("q_partner", (b, h, 2 * gf, d), q.dtype, dev))
+            q_red[:, :, npass:npass + 2 * gf].lerp_(partners, 0.5)
+    if pairs:
         slot = plan.pair_slots[best]  # [B, H, Gf, 4]
-    elif first is not None:
-        first[..., npass:] = 0
-        q_red = gather_rows(q, first, out=q_red)
-    if gf and not pairs:
+    elif gf:
         if keep == 1:
-            means, slot = group_means(q, layout, group, plan.frames), None
+            means = group_means(q, layout, group, plan.frames)
+            slot = torch.zeros(b, h, gf, g, dtype=torch.long, device=dev)
         else:
             xf = gather_rows(q, plan.full.reshape(1, 1, -1).expand(b, h, gf * g)).view(b, h, gf, g, d)
             means, slot = merge_greedy(xf, torch.ones(gf, g, dtype=torch.bool, device=dev), keep)
         q_red[:, :, npass:npass + gf * keep] = means.transpose(2, 3).reshape(b, h, keep * gf, d)
-        if slot is None:
-            slot = torch.zeros(b, h, gf, g, dtype=torch.long, device=dev)
     if gf:
         pos = npass + slot * gf + torch.arange(gf, device=dev).view(1, 1, gf, 1)
         rows.index_copy_(2, plan.full.reshape(-1), pos.reshape(b, h, gf * g))
@@ -487,7 +485,7 @@ def spark3r_attention(
     # Reused buffers are written with out= ops, which autograd cannot follow: with gradients
     # the same computation runs on fresh tensors.
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    ws = None if grad else workspace
+    ws = None if grad else (workspace if workspace is not None else Workspace())
     b, h, n, d = q.shape
     if config.reduces_queries:
         q_red, rows = merge_queries(q, layout, config.query_group, config.query_keep, ws)
