@@ -27,10 +27,11 @@ def kernels(monkeypatch, tmp_path):
     return tmp_path
 
 
+@pytest.mark.parametrize("dim", [16, 24])  # 24: a head size that is not a multiple of the kernel's lanes
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_pair_merge_kernel_matches_the_eager_merge(kernels, layout):
+def test_pair_merge_kernel_matches_the_eager_merge(kernels, layout, dim):
     g = torch.Generator().manual_seed(21)
-    q = torch.randn(2, 3, layout.num_tokens, 16, generator=g)
+    q = torch.randn(2, 3, layout.num_tokens, dim, generator=g)
     assert native.pair_merge_usable(q)
     fused_q, fused_rows = merge_queries(q, layout, (2, 2), 2, Workspace())
     eager_q, eager_rows = merge_queries(q, layout, (2, 2), 2, None)  # no workspace: eager path
