@@ -526,6 +526,9 @@ class Spark3ROp:
         # Buffers shared by all layers of a forward (same shapes); per thread. The op's result
         # buffer is recycled only once the caller has dropped the previous result.
         self.workspace = Workspace()
+        # Build the fused merge kernel now (a cache hit after the first time), not inside the
+        # first forward — a node would otherwise stall on the compiler with a camera streaming in.
+        native.load("pair_merge")
 
     def budget(self, layout: TokenLayout) -> int:
         return self.schedule.kv_budget(layout.layer, layout.frames, layout.patches_per_frame)
