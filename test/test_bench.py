@@ -31,6 +31,8 @@ def test_bench_json_is_well_formed_on_the_tiny_preset(tmp_path, capsys):
     assert all(v == 0 for v in data["methods"]["dense"]["fidelity"].values())
     assert data["methods"]["spark3r"]["fidelity"]["depth_rel"] > 0
     assert "RSS" in data["memory_measurement"]
+    from spark3r.accel import native
+    assert data["environment"]["native_merge_kernel"] is (native.load("pair_merge") is not None)
 
 
 def test_flops_only_and_attention_scope():

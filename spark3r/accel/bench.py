@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from . import flops as flops_mod
+from . import native
 from .apply import apply, build_op, make_config, remove
 from .common import relative_error
 from .layout import TokenLayout
@@ -340,7 +341,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         "preset": cfg.preset,
         "config": {**dataclasses.asdict(cfg), "size": list(cfg.size), "methods": list(cfg.methods)},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-                        "dtype": cfg.dtype},
+                        "dtype": cfg.dtype,
+                        # whether spark3r's fused CPU merge kernel could be built (else eager PyTorch)
+                        "native_merge_kernel": device.type == "cpu" and native.load("pair_merge") is not None},
         "methods": {},
     }
 
