@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from spark3r.accel import native
 from spark3r.accel.bench import BenchConfig, run_bench
 from spark3r.accel.schedule import load_schedule
 from spark3r.cli import main
@@ -31,7 +32,6 @@ def test_bench_json_is_well_formed_on_the_tiny_preset(tmp_path, capsys):
     assert all(v == 0 for v in data["methods"]["dense"]["fidelity"].values())
     assert data["methods"]["spark3r"]["fidelity"]["depth_rel"] > 0
     assert "RSS" in data["memory_measurement"]
-    from spark3r.accel import native
     assert data["environment"]["native_merge_kernel"] is (native.load("pair_merge") is not None)
 
 
