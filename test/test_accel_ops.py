@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spark3r.accel import TokenLayout, build_op
-from spark3r.accel.common import (Workspace, attention_with_extra_keys, exact_attention, gather_per_head, gather_rows,
+from spark3r.accel.common import (Workspace, attention_with_extra_keys, exact_attention, gather_rows,
                                   masked_attention_with_extra_keys, static_index)
 from spark3r.accel.schedule import KVSchedule
 from spark3r.accel.spark3r import (Spark3RConfig, kv_scores, merge_greedy, merge_queries, pair_choice, prune_kv,
@@ -84,7 +84,7 @@ def test_unmerge_map_covers_every_token_with_exact_group_budgets(keep):
         for members, valid, kp in zip(groups.partial, groups.partial_valid, groups.partial_keep):
             assert source[0, head, members[valid]].unique().numel() == int(kp)
     # every reduced row is used, and a merged row is the mean of its members
-    unmerged = gather_per_head(q_red, source)
+    unmerged = gather_rows(q_red, source)
     assert unmerged.shape == q.shape
     for head in range(H):
         rows = source[0, head]
@@ -131,7 +131,7 @@ def test_kv_budget_is_exact_per_frame_and_protected_keys_stay():
     npro = idx.protected.numel()
     assert kv.k.shape[2] == kv.v.shape[2] == npro + nf * budget
     assert torch.equal(kv.k[:, :, :npro], k[:, :, idx.protected])
-    assert torch.equal(kv.v[:, :, npro:], gather_per_head(v, kept.reshape(1, H, -1)))
+    assert torch.equal(kv.v[:, :, npro:], gather_rows(v, kept.reshape(1, H, -1)))
     assert kv.k_extra.shape == kv.v_extra.shape == (1, H, nf, D)
     assert kv.bias == pytest.approx(math.log(35 - budget))
     # the compensation token is the mean of the frame's pruned tokens

@@ -1,5 +1,5 @@
-"""Pieces shared by the reduction methods: exact attention, input checks, static token indices
-and per-head token gathers.
+"""Pieces shared by the reduction methods: exact attention, input checks, static token indices,
+row gathers and reusable buffers.
 
 Everything here is a pure function of tensors and a :class:`TokenLayout`; index tensors that
 depend only on the layout are cached (a layout differs between layers only in ``layer``, which
@@ -78,20 +78,6 @@ def _static_index(key: tuple, device: str) -> StaticIndex:
 
 def static_index(layout: TokenLayout, device: torch.device | str) -> StaticIndex:
     return _static_index(layout_key(layout), str(torch.device(device)))
-
-
-def gather_per_head(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, N, d]``, ``index [B, H, M]`` (per-head token indices) -> ``[B, H, M, d]``.
-
-    One flat ``index_select`` instead of ``torch.gather`` with an index expanded over ``d``,
-    which would materialise an int64 tensor as large as the output."""
-    b, h, n, d = x.shape
-    m = index.shape[-1]
-    if not x.is_contiguous():  # e.g. v as a view into the fused qkv projection: don't copy all of x
-        return x.gather(2, index[..., None].expand(b, h, m, d))
-    offset = (torch.arange(b * h, device=x.device) * n).view(b, h, 1)
-    flat = (index + offset).reshape(-1)
-    return x.reshape(b * h * n, d).index_select(0, flat).view(b, h, m, d)
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
