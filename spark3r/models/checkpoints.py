@@ -324,14 +324,34 @@ def _read_hf_config(directory: Path) -> Optional[dict]:
     return cfg
 
 
+# π3 and Speed3R-π3 checkpoints (PyTorchModelHubMixin) store their constructor arguments, the same
+# for both ({"decoder_size": "large", "pos_type": "rope100"}); the weights' names tell them apart.
+_PI3_FAMILY_CONFIG = {"decoder_size": "large", "pos_type": "rope100"}
+
+
+def _pi3_family_preset(directory: Path, cfg: dict) -> Optional[str]:
+    if not any(key in cfg for key in _PI3_FAMILY_CONFIG):
+        return None
+    for key, supported in _PI3_FAMILY_CONFIG.items():
+        if cfg.get(key, supported) != supported:
+            raise CheckpointReadError(f"config.json {key}={cfg[key]!r}: only {key}={supported!r} π3 models have a preset")
+    try:
+        names = _table_from_file(_weights_in_directory(directory))
+    except CheckpointReadError:
+        return None  # a config without weights (e.g. only config.json fetched) declares nothing
+    return "pi3-speed3r" if any(k.startswith("global_decoder.") for k in names) else "pi3"
+
+
 def preset_from_hf_config(directory) -> Optional[str]:
     """The preset a Hugging Face checkpoint directory declares (DA3's ``config.json``
-    ``model_name``, e.g. ``"da3-large"``), or None when it declares none. An unknown
-    ``model_name`` is an error (not silently some other architecture)."""
-    cfg = _read_hf_config(Path(directory).expanduser())
+    ``model_name``, e.g. ``"da3-large"``; π3's ``decoder_size``/``pos_type``, with the weight
+    names choosing between ``pi3`` and ``pi3-speed3r``), or None when it declares none. An
+    unknown ``model_name`` is an error (not silently some other architecture)."""
+    directory = Path(directory).expanduser()
+    cfg = _read_hf_config(directory)
     name = (cfg or {}).get("model_name")
     if name is None:
-        return None
+        return _pi3_family_preset(directory, cfg) if cfg else None
     if name not in HF_MODEL_NAMES:
         raise CheckpointReadError(
             f"config.json model_name {name!r} has no spark3r preset; supported: {sorted(HF_MODEL_NAMES)}"
@@ -347,6 +367,9 @@ def _declared_preset(source) -> Optional[str]:
     if path.is_dir():
         return preset_from_hf_config(path)
     if isinstance(source, str) and _looks_like_hub_id(source) and not path.exists():
+        published = [preset for preset, repo in DEFAULT_SOURCES.items() if repo == source]
+        if published:
+            return published[0]
         try:
             from huggingface_hub import hf_hub_download
 
@@ -365,7 +388,7 @@ def _check_hf_config(directory: Path, model: nn.Module) -> None:
     cfg = _read_hf_config(directory)
     if cfg is None or not hasattr(model, "config"):
         return
-    declared = preset_from_hf_config(directory)
+    declared = preset_from_hf_config(directory) if "model_name" in cfg else None
     preset = getattr(model, "preset", None)
     if declared is not None and preset is not None and declared != preset:
         raise CheckpointMismatchError([], [], [("config.json:model_name", (declared,), (preset,))])
@@ -392,7 +415,9 @@ def load_pretrained(
     """Build ``preset`` on the meta device and load ``source`` (default: the preset's hub repo).
 
     ``preset=None`` takes the preset from the checkpoint directory's ``config.json`` (DA3's
-    ``model_name``); a declared ``model_name`` that contradicts ``preset`` is refused.
+    ``model_name``; π3's ``decoder_size``/``pos_type``, where the weights decide between ``pi3``
+    and ``pi3-speed3r``) or from a published hub id; a declared ``model_name`` that contradicts
+    ``preset`` is refused.
 
     ``source="seeded"`` gives the deterministic seeded-v1 synthetic weights (tests, demos and
     benchmarks without real checkpoints; never meaningful geometry).
@@ -405,7 +430,7 @@ def load_pretrained(
         preset = _declared_preset(source)
         if preset is None:
             raise ValueError("preset=None needs a checkpoint directory or hub id whose config.json names the "
-                             "model (DA3 'model_name'); pass a preset otherwise")
+                             "model (DA3 'model_name', π3 'decoder_size'/'pos_type'); pass a preset otherwise")
     if source is None:
         source = DEFAULT_SOURCES.get(preset)
         if source is None:

@@ -179,7 +179,8 @@ class Pi3(nn.Module):
         self.preset = preset
         c = config.embed_dim
         # Registration order = official state-dict order.
-        self.register_token = nn.Parameter(torch.zeros(1, 1, config.num_register_tokens, c))
+        if config.num_register_tokens:
+            self.register_token = nn.Parameter(torch.zeros(1, 1, config.num_register_tokens, c))
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.encoder = DinoViT(
@@ -188,11 +189,7 @@ class Pi3(nn.Module):
             norm_eps=1e-6, interpolate_antialias=True, interpolate_offset=0.0, with_mask_token=False,
         )
         self.rope = RoPE2D(config.rope_freq)
-        self.decoder = nn.ModuleList(
-            Block(c, config.num_heads, mlp_ratio=config.mlp_ratio, norm_eps=1e-6, init_values=config.init_values,
-                  qk_norm=True, qk_norm_eps=1e-5, rope=self.rope)
-            for _ in range(config.depth)
-        )
+        self._build_decoder()
 
         def head(out_dim: int) -> TransformerHead:
             return TransformerHead(2 * c, out_dim, config.head_embed_dim, config.head_depth, config.head_num_heads,
@@ -204,6 +201,24 @@ class Pi3(nn.Module):
         self.conf_head = PatchLinearHead(config.patch_size, config.point_out_dim, 1)
         self.camera_decoder = head(config.camera_out_dim)
         self.camera_head = CameraHead(config.camera_out_dim)
+
+    def _decoder_block(self, gated: bool = False) -> Block:
+        cfg = self.config
+        return Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=1e-6, init_values=cfg.init_values,
+                     qk_norm=True, qk_norm_eps=1e-5, rope=self.rope, attn_gates=gated)
+
+    def _build_decoder(self) -> None:
+        self.decoder = nn.ModuleList(self._decoder_block() for _ in range(self.config.depth))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the transformer weights (what tokens are cast to before the decoder)."""
+        return self.point_decoder.projects.weight.dtype
+
+    def head_positions(self, grid: tuple[int, int], device) -> torch.Tensor:
+        """Positions of one frame's tokens as the heads see them: registers at (0, 0), patch
+        (r, c) at (r + 1, c + 1)."""
+        return grid_positions(grid[0], grid[1], self.config.special_tokens, device=device)
 
     # -- hook and cache API ---------------------------------------------------------------------
 
@@ -221,7 +236,7 @@ class Pi3(nn.Module):
         b, s, _, h, w = images.shape
         mean = self.image_mean.to(device=images.device)
         std = self.image_std.to(device=images.device)
-        flat = ((images - mean) / std).to(self.register_token.dtype).reshape(b * s, 3, h, w)
+        flat = ((images - mean) / std).to(self.compute_dtype).reshape(b * s, 3, h, w)
         step = b * s if flat.is_meta else self.config.encoder_frames_chunk
         tokens = [self.encoder(flat[i : i + step]) for i in range(0, b * s, step)]
         tokens = tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=0)
@@ -272,11 +287,18 @@ class Pi3(nn.Module):
         ``camera_poses`` [B,N,4,4] (camera-to-world, OpenCV, arbitrary world frame); only those
         the requested heads produce.
         """
+        images, patch_tokens, grid = self._prepare(images, patch_tokens)
+        wanted = self._requested_heads(heads)
+        hidden = self.aggregate(patch_tokens, grid)[0]
+        return self._run_heads(hidden, grid, images.shape, wanted)
+
+    def _prepare(self, images: torch.Tensor, patch_tokens: Optional[torch.Tensor]):
+        """Checked ``[B, N, 3, H, W]`` images, their patch tokens (encoded or the checked cache)
+        and the patch grid."""
         images = batched_images(images, self.config.patch_size)
         b, s, _, h, w = images.shape
         p = self.config.patch_size
         grid = (h // p, w // p)
-        wanted = self._requested_heads(heads)
         if patch_tokens is None:
             patch_tokens = self.encode_patches(images)
         else:
@@ -284,10 +306,14 @@ class Pi3(nn.Module):
             if not isinstance(patch_tokens, torch.Tensor) or tuple(patch_tokens.shape) != expected:
                 got = tuple(patch_tokens.shape) if isinstance(patch_tokens, torch.Tensor) else type(patch_tokens).__name__
                 raise ValueError(f"patch_tokens must have shape {expected} for these images, got {got}")
-            patch_tokens = patch_tokens.to(self.register_token.dtype)
-        hidden = self.aggregate(patch_tokens, grid)[0]
+            patch_tokens = patch_tokens.to(self.compute_dtype)
+        return images, patch_tokens, grid
+
+    def _run_heads(self, hidden: torch.Tensor, grid: tuple[int, int], image_shape, wanted: set[str]) -> dict[str, torch.Tensor]:
+        """Decoder output ``[B, N, P, 2C]`` -> the requested outputs (see :meth:`forward`)."""
+        b, s, _, h, w = image_shape
         hidden = hidden.reshape(b * s, hidden.shape[2], hidden.shape[3])
-        pos = grid_positions(grid[0], grid[1], self.config.special_tokens, device=hidden.device)
+        pos = self.head_positions(grid, hidden.device)
         start = self.config.special_tokens
         out: dict[str, torch.Tensor] = {}
         poses = None

@@ -9,6 +9,7 @@ from torch import nn
 
 from .da3 import DA3Config, DepthAnything3
 from .pi3 import Pi3, Pi3Config
+from .pi3_speed3r import Pi3Speed3R, Pi3Speed3RConfig
 from .vggt import VGGT, VGGTConfig
 
 # vggt-tiny is exactly the `vggt_tiny` golden configuration (../shared/golden): a ViT-S/14
@@ -43,6 +44,22 @@ _PI3_TINY = Pi3Config(
     camera_out_dim=128,
 )
 
+# pi3-speed3r-tiny is exactly the `speed3r_pi3_tiny` golden configuration (../shared/golden/speed3r):
+# pi3-tiny's numbers without registers, 2 frame + 2 sparse global 384-d blocks, 4x4 windows, top-32.
+_PI3_SPEED3R_TINY = Pi3Speed3RConfig(
+    encoder_embed_dim=384,
+    encoder_depth=12,
+    encoder_num_heads=6,
+    embed_dim=384,
+    depth=4,
+    num_heads=6,
+    head_embed_dim=256,
+    head_depth=2,
+    head_num_heads=4,
+    point_out_dim=256,
+    camera_out_dim=128,
+)
+
 # Depth-Anything-3: the official yaml presets (configs/da3-*.yaml).
 _DA3 = {
     "da3-small": DA3Config(embed_dim=384, depth=12, num_heads=6, out_layers=(5, 7, 9, 11), alt_start=4,
@@ -61,6 +78,8 @@ _PRESETS: dict[str, tuple[Callable[..., nn.Module], object]] = {
     "vggt-tiny": (VGGT, _VGGT_TINY),
     "pi3": (Pi3, Pi3Config()),
     "pi3-tiny": (Pi3, _PI3_TINY),
+    "pi3-speed3r": (Pi3Speed3R, Pi3Speed3RConfig()),
+    "pi3-speed3r-tiny": (Pi3Speed3R, _PI3_SPEED3R_TINY),
     **{name: (DepthAnything3, cfg) for name, cfg in _DA3.items()},
 }
 
@@ -70,6 +89,8 @@ DEFAULT_SOURCES: dict[str, Optional[str]] = {
     "vggt-tiny": None,
     "pi3": "yyfz233/Pi3",
     "pi3-tiny": None,
+    "pi3-speed3r": "weining17/Speed3R_Pi3",
+    "pi3-speed3r-tiny": None,
     "da3-small": "depth-anything/DA3-SMALL",
     "da3-base": "depth-anything/DA3-BASE",
     "da3-large": "depth-anything/DA3-LARGE-1.1",
