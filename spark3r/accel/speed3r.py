@@ -140,12 +140,15 @@ def topk_key_blocks(logits: torch.Tensor, k: int) -> torch.Tensor:
         return torch.cat((order, pad), dim=-1)
     values, index = torch.topk(logits, k + 1, dim=-1)
     index = index[..., :k]
-    # torch.topk breaks ties arbitrarily; a tie matters only across the k-th / (k+1)-th place.
+    # torch.topk breaks ties arbitrarily. Across the k-th / (k+1)-th place a tie decides the set;
+    # inside the set only the order, which is then made (logit desc, index asc) like the kernel's.
     boundary_tie = values[..., k - 1] == values[..., k]
     if bool(boundary_tie.any()):
         index = index.clone()
         index[boundary_tie] = torch.sort(logits[boundary_tie], dim=-1, descending=True, stable=True).indices[..., :k]
-    return index
+    index = index.sort(dim=-1).values
+    order = torch.sort(logits.gather(-1, index), dim=-1, descending=True, stable=True).indices
+    return index.gather(-1, order)
 
 
 def _chunks(count: int, per_item: int, budget: int) -> Iterator[tuple[int, int]]:
