@@ -56,7 +56,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from .common import check_qkv, exact_attention, layout_key
+from .common import Workspace, check_qkv, exact_attention, layout_key
 from .layout import TokenLayout
 
 # Floats per chunk intermediate (pooled logits, gathered keys, selection logits): 64 MiB in fp32.
@@ -176,14 +176,19 @@ def pooled_attention(q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, to
     return out, index
 
 
-def _block_rows(blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _block_rows(blocks: torch.Tensor, index: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gather whole blocks: ``blocks [B, H, n, bt, d]``, ``index [B, H, c, k]`` -> ``[B, H, c, k*bt, d]``
-    (one ``index_select`` over the blocks of all heads)."""
+    (one ``index_select`` over the blocks of all heads; into ``out`` when given — a buffer reused
+    across chunks costs no page faults, which on CPU are as slow as the copy itself)."""
     b, h, n, bt, d = blocks.shape
     c, k = index.shape[2], index.shape[3]
     head = torch.arange(b * h, device=index.device).view(b, h, 1, 1) * n
-    rows = blocks.reshape(b * h * n, bt * d).index_select(0, (index + head).reshape(-1))
-    return rows.view(b, h, c, k * bt, d)
+    flat = (index + head).reshape(-1)
+    rows = blocks.reshape(b * h * n, bt * d)
+    if out is None:
+        return rows.index_select(0, flat).view(b, h, c, k * bt, d)
+    torch.index_select(rows, 0, flat, out=out.view(-1, bt * d))
+    return out.view(b, h, c, k * bt, d)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, block_tokens: int,
@@ -286,13 +291,23 @@ def block_table(layout: TokenLayout, window: tuple[int, int], device) -> BlockTa
     return _block_table(layout_key(layout), tuple(window), str(torch.device(device)))
 
 
-def _attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention with its log-sum-exp: ``q [..., M, d]``, ``k, v [..., K, d]``, optional
-    additive ``key_bias [..., K]`` -> ``(out [..., M, d], lse [..., M] fp32)``."""
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp: ``q [B, H, M, d]``, ``k, v [B, H, K, d]``, optional
+    additive ``key_bias`` broadcastable to ``[B, H, 1, K]`` -> ``(out [B, H, M, d], lse [B, H, M]
+    fp32)``. On CPU without autograd the flash kernel (which returns the log-sum-exp), elsewhere
+    an fp32 softmax."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if _CPU_FLASH is not None and q.device.type == "cpu" and not needs_grad:
+        mask = None if key_bias is None else key_bias.to(q.dtype)
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse.float()
     logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     if key_bias is not None:
-        logits = logits + key_bias.unsqueeze(-2)
+        logits = logits + key_bias
     top = logits.amax(-1, keepdim=True)
     weights = logits.sub_(top).exp_()
     total = weights.sum(-1, keepdim=True)
@@ -316,7 +331,7 @@ def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> t
 
 def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                             config: Speed3RConfig, scale: Optional[float] = None,
-                            chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                            chunk_elements: int = CHUNK_ELEMENTS, workspace: Optional[Workspace] = None) -> torch.Tensor:
     """Speed3R without learned gates (module docstring): ``[B, H, N, d]`` in token order."""
     b, h, n_tok, d = q.shape
     scale = d ** -0.5 if scale is None else scale
@@ -330,25 +345,36 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     q_pool, k_pool, v_pool = ((t.float() * slot_weight).sum(-2) for t in (qb, kb, vb))
     log_sizes = table.sizes.log()
     key_bias = torch.zeros(nb, bt, device=q.device).masked_fill_(~table.valid, float("-inf")) if table.padded else None
-    k_always, v_always = k.index_select(2, table.always), v.index_select(2, table.always)
-    n_always = table.always.numel()
     top = min(config.top_k, nb)
     out = torch.empty_like(q)
-    if n_always:
+    always = None
+    if table.always.numel():
         dense = table.always
         out[:, :, dense] = exact_attention(q.index_select(2, dense), k, v, scale)
+        # The always-selected keys for all block queries in one call (merged per chunk below).
+        o_always, lse_always = attend_with_lse(qb.view(b, h, nb * bt, d), k.index_select(2, dense),
+                                               v.index_select(2, dense), scale)
+        always = (o_always.view(b, h, nb, bt, d), lse_always.view(b, h, nb, bt))
     k_pool_t = k_pool.transpose(-1, -2)
-    per_block = b * h * (nb + bt * (top * bt + n_always) + 2 * top * bt * d)
+    per_block = b * h * (2 * nb + 2 * top * bt * d + bt * d)
     for s, e in _chunks(nb, per_block, chunk_elements):
+        c = e - s
         logits = torch.matmul(q_pool[:, :, s:e], k_pool_t)  # [B, H, c, nb], mean logits of block pairs
         index = topk_key_blocks(logits, top)
         bias = None
         if key_bias is not None:
-            bias = key_bias.index_select(0, index.reshape(-1)).view(b, h, e - s, top * bt)
-        parts = [_attend_with_lse(qb[:, :, s:e], _block_rows(kb, index), _block_rows(vb, index), scale, bias)]
-        if n_always:
-            o, lse = _attend_with_lse(qb[:, :, s:e].flatten(2, 3), k_always, v_always, scale)
-            parts.append((o.view(b, h, e - s, bt, d), lse.view(b, h, e - s, bt)))
+            bias = key_bias.index_select(0, index.reshape(-1)).view(b * h, c, 1, top * bt)
+        if workspace is not None:
+            shape = (b, h, c, top * bt, d)
+            ks = _block_rows(kb, index, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
+            vs = _block_rows(vb, index, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
+        else:
+            ks, vs = _block_rows(kb, index), _block_rows(vb, index)
+        o_sel, lse_sel = attend_with_lse(qb[:, :, s:e].reshape(b * h, c, bt, d), ks.view(b * h, c, top * bt, d),
+                                         vs.view(b * h, c, top * bt, d), scale, bias)
+        parts = [(o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt))]
+        if always is not None:
+            parts.append((always[0][:, :, s:e], always[1][:, :, s:e]))
         if top < nb:
             # Every unselected block as one key: logit = mean logit + log(size), value = mean value.
             w = logits.mul_(scale).add_(log_sizes).scatter_(-1, index, float("-inf"))
@@ -356,8 +382,11 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             o = torch.matmul(torch.softmax(w, dim=-1), v_pool)
             parts.append((o[:, :, :, None, :], lse[:, :, :, None]))
         merged = merge_partial_attention(parts)  # [B, H, c, bt, d]
-        valid = table.valid[s:e]
-        out[:, :, table.tokens[s:e][valid]] = merged[:, :, valid]
+        if table.padded:
+            valid = table.valid[s:e]
+            out[:, :, table.tokens[s:e][valid]] = merged[:, :, valid]
+        else:
+            out[:, :, table.tokens[s:e].reshape(-1)] = merged.view(b, h, c * bt, d)
     return out
 
 
@@ -373,6 +402,8 @@ class Speed3ROp:
     def __init__(self, config: Speed3RConfig = Speed3RConfig(), chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.config = config
         self.chunk_elements = int(chunk_elements)
+        # Gather buffers shared by the chunks and layers of a forward (per thread).
+        self.workspace = Workspace()
 
     def is_identity(self, layer: int) -> bool:
         return False
@@ -385,29 +416,39 @@ class Speed3ROp:
 
     def __call__(self, q, k, v, layout: TokenLayout, scale: Optional[float] = None) -> torch.Tensor:
         check_qkv(q, k, v, layout)
-        return training_free_attention(q, k, v, layout, self.config, scale, self.chunk_elements)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return training_free_attention(q, k, v, layout, self.config, scale, self.chunk_elements,
+                                       None if grad else self.workspace)
 
     def reduced_sizes(self, layout: TokenLayout) -> tuple[int, int]:
-        """(queries, exact keys per query) of the selection branch, the always-selected tokens
-        included; the pooled branch is priced in :meth:`overhead_flops`."""
-        n = layout.num_tokens
+        """(queries, keys per query) of the block queries' exact attention: every block query
+        sees the always-selected tokens and ``top_k`` blocks (padding slots of edge windows
+        included, they are computed). The protected queries' dense rows, the pooled branch and
+        the gates are in :meth:`overhead_flops`."""
         if layout.window is not None:
-            return n, self.config.top_k * self.config.block_tokens
+            return layout.num_tokens, min(self.config.top_k * self.config.block_tokens, layout.num_tokens)
         table = block_table(layout, self.config.block_size, "cpu")
         nb, bt = table.tokens.shape
-        return n, min(n, table.always.numel() + min(self.config.top_k, nb) * bt)
+        if nb == 0:
+            return layout.num_tokens, layout.num_tokens
+        return int(table.valid.sum()), table.always.numel() + min(self.config.top_k, nb) * bt
 
     def overhead_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> int:
-        """Pooling, the pooled attention (``4 n^2 d``) and the gates or the pooled fold."""
-        n_tok = layout.num_tokens
-        bt = self.config.block_tokens
-        nb = n_tok // bt if layout.window is not None else block_table(layout, self.config.block_size, "cpu").tokens.shape[0]
-        flops = 3 * n_tok * head_dim + 4 * nb * nb * head_dim
-        if layout.window is not None:  # gates: Linear(C -> 2H) per token and the mix
-            c = heads * head_dim
-            flops_gate = 2 * n_tok * c * 2 * heads
-            return batch * (heads * (flops + 3 * n_tok * head_dim) + flops_gate)
-        return batch * heads * flops
+        """Per layer: pooling (3 N d), the pooled logits and pooled attention / fold (4 n^2 d),
+        merging the partial results (6 N d) or mixing the branches (3 N d) plus the gate Linear
+        (2 N C 2H), and the protected queries' dense rows (4 P N d)."""
+        n_tok, d = layout.num_tokens, head_dim
+        if layout.window is not None:
+            nb = n_tok // self.config.block_tokens
+            per_head = 3 * n_tok * d + 4 * nb * nb * d + 3 * n_tok * d
+            return batch * (heads * per_head + 2 * n_tok * heads * d * 2 * heads)
+        table = block_table(layout, self.config.block_size, "cpu")
+        nb = table.tokens.shape[0]
+        if nb == 0:
+            return 0
+        protected = table.always.numel()
+        per_head = 3 * n_tok * d + 4 * nb * nb * d + 6 * n_tok * d + 4 * protected * n_tok * d
+        return batch * heads * per_head
 
 
 def make_op(config: Speed3RConfig, num_layers: int, backbone: Optional[str]) -> Speed3ROp:
