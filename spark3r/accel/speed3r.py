@@ -386,7 +386,7 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             valid = table.valid[s:e]
             out[:, :, table.tokens[s:e][valid]] = merged[:, :, valid]
         else:
-            out[:, :, table.tokens[s:e].reshape(-1)] = merged.view(b, h, c * bt, d)
+            out[:, :, table.tokens[s:e].reshape(-1)] = merged.reshape(b, h, c * bt, d)
     return out
 
 
