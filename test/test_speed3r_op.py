@@ -256,3 +256,19 @@ def test_op_prices_pooled_attention_and_blocks():
     assert op.overhead_flops(layout, heads=16, head_dim=d) == expected
     total = 4 * 16 * nq * nk * d + expected
     assert 4 * 16 * n * n * d / total > 20  # 100 frames: most of dense attention is avoided
+
+
+def test_gradients_flow_through_the_training_free_op():
+    layout = LAYOUTS[0]
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, layout.num_tokens, 16, seed=9))
+    out = Speed3ROp(Speed3RConfig(top_k=2))(q, k, v, layout)
+    out.square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_gradients_reach_the_gates_of_pi3_speed3r():
+    model = load_pretrained("pi3-speed3r-tiny", "seeded")
+    out = model(torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1)), heads=("point",))
+    out["local_points"].abs().mean().backward()
+    gate = model.global_decoder[0].attn.gate[0].weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0

@@ -192,7 +192,8 @@ def _block_rows(blocks: torch.Tensor, index: torch.Tensor, out: Optional[torch.T
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, block_tokens: int,
-                           scale: float, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                           scale: float, chunk_elements: int = CHUNK_ELEMENTS,
+                           workspace: Optional[Workspace] = None) -> torch.Tensor:
     """The selection branch on consecutive blocks: the queries of block m attend, in one softmax,
     to all tokens of the key blocks ``index[..., m, :]`` (a repeated block counts repeatedly).
 
@@ -209,8 +210,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
     per_block = b * h * top * bt * max(d, bt)
     for s, e in _chunks(n, per_block, chunk_elements):
         idx = index[:, :, s:e]
-        ks = _block_rows(kb, idx).view(b * h, e - s, top * bt, d)
-        vs = _block_rows(vb, idx).view(b * h, e - s, top * bt, d)
+        shape = (b, h, e - s, top * bt, d)
+        if workspace is not None:
+            ks = _block_rows(kb, idx, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
+            vs = _block_rows(vb, idx, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
+        else:
+            ks, vs = _block_rows(kb, idx), _block_rows(vb, idx)
+        ks, vs = ks.view(b * h, e - s, top * bt, d), vs.view(b * h, e - s, top * bt, d)
         out[:, s:e] = F.scaled_dot_product_attention(qb[:, s:e], ks, vs, scale=scale)
     return out.view(b, h, n_tok, d)
 
@@ -227,7 +233,8 @@ def gated_combine(out_pooled: torch.Tensor, out_selected: torch.Tensor, gates: t
     return mixed.flatten(2, 3)
 
 
-def speed3r_gated_attention(inputs, config: Speed3RConfig, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def speed3r_gated_attention(inputs, config: Speed3RConfig, chunk_elements: int = CHUNK_ELEMENTS,
+                            workspace: Optional[Workspace] = None) -> torch.Tensor:
     """The official Speed3R layer (see the module docstring) from the layer's
     :class:`~spark3r.models.layers.attention.AttentionLayerInputs`; ``[B, H, N, d]`` before the
     output projection."""
@@ -246,7 +253,7 @@ def speed3r_gated_attention(inputs, config: Speed3RConfig, chunk_elements: int =
     out_pooled, index = pooled_attention(q_c, k_c, pool_blocks(v, bt), config.top_k, inputs.scale, chunk_elements)
     q, k = inputs.normalize(q_raw, k_raw)
     q, k = inputs.rotate(q, inputs.pos).to(v.dtype), inputs.rotate(k, inputs.pos).to(v.dtype)
-    out_selected = block_sparse_attention(q, k, v.contiguous(), index, bt, inputs.scale, chunk_elements)
+    out_selected = block_sparse_attention(q, k, v.contiguous(), index, bt, inputs.scale, chunk_elements, workspace)
     return gated_combine(out_pooled, out_selected, inputs.gates(), bt)
 
 
@@ -308,10 +315,10 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     if key_bias is not None:
         logits = logits + key_bias
-    top = logits.amax(-1, keepdim=True)
-    weights = logits.sub_(top).exp_()
+    top = logits.amax(-1, keepdim=True).detach()
+    weights = (logits - top).exp()
     total = weights.sum(-1, keepdim=True)
-    out = torch.matmul(weights.div_(total).to(v.dtype), v)
+    out = torch.matmul((weights / total).to(v.dtype), v)
     return out, (top + total.log()).squeeze(-1)
 
 
@@ -410,7 +417,8 @@ class Speed3ROp:
 
     def attend_layer(self, inputs) -> torch.Tensor:
         if inputs.has_gates:
-            return speed3r_gated_attention(inputs, self.config, self.chunk_elements)
+            grad = torch.is_grad_enabled()  # out= gathers are not differentiable
+            return speed3r_gated_attention(inputs, self.config, self.chunk_elements, None if grad else self.workspace)
         q, k, v = inputs.qkv()
         return self(q, k, v, inputs.layout)
 
