@@ -109,11 +109,30 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("block", [(4, 4), (2, 3)])
-def test_training_free_with_all_blocks_is_dense(layout, block):
+@pytest.mark.parametrize("anchor_every", [0, 2])
+def test_training_free_with_all_blocks_is_dense(layout, block, anchor_every):
     q, k, v = qkv(2, 3, layout.num_tokens, 16, seed=3)
     nb = block_table(layout, block, "cpu").tokens.shape[0]
-    out = training_free_attention(q, k, v, layout, Speed3RConfig(block_size=block, top_k=nb), chunk_elements=2000)
+    config = Speed3RConfig(block_size=block, top_k=nb, anchor_every=anchor_every)
+    out = training_free_attention(q, k, v, layout, config, chunk_elements=2000)
     torch.testing.assert_close(out, dense(q, k, v), atol=2e-6, rtol=1e-5)
+
+
+def test_anchor_frames_are_always_selected_keys():
+    layout = TokenLayout(frames=5, tokens_per_frame=1 + 8 * 8, special_tokens=1, grid=(8, 8), reference_frame=1)
+    table = block_table(layout, (4, 4), "cpu", anchor_every=2)
+    anchors = {0, 2, 4}
+    frame_of = lambda t: t // layout.tokens_per_frame  # noqa: E731
+    assert {frame_of(int(t)) for t in table.tokens[table.key_blocks, 0]} == {3}
+    patches = {int(t) for t in table.always if int(t) % layout.tokens_per_frame >= 1 and frame_of(int(t)) != 1}
+    assert {frame_of(t) for t in patches} == anchors and len(patches) == 3 * 64
+    q, k, v = qkv(1, 2, layout.num_tokens, 16, seed=10)
+    config = Speed3RConfig(top_k=1, anchor_every=2)
+    base = training_free_attention(q, k, v, layout, config)
+    k2 = k.clone()
+    k2[:, :, 4 * layout.tokens_per_frame + 5] += 3.0  # one patch of anchor frame 4
+    moved = training_free_attention(q, k2, v, layout, config)
+    assert ((moved - base).abs().amax(-1) > 0).all()
 
 
 def test_training_free_is_exact_when_blocks_are_uniform():
@@ -174,7 +193,7 @@ def test_training_free_on_cuda_matches_cpu():
 
 def test_config_ranges():
     assert Speed3RConfig(block_size=2).block_size == (2, 2)
-    for bad in ({"block_size": (0, 4)}, {"block_size": (1, 2, 3)}, {"top_k": 0}, {"top_k": 1.5}):
+    for bad in ({"block_size": (0, 4)}, {"block_size": (1, 2, 3)}, {"top_k": 0}, {"top_k": 1.5}, {"anchor_every": -1}):
         with pytest.raises(ValueError):
             Speed3RConfig(**bad)
     with pytest.raises(TypeError, match="no parameter"):

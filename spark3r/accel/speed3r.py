@@ -28,7 +28,8 @@ with it.
 softmaxes, so the branches are combined into *one* softmax whose key set is partitioned:
 
 * exact keys: the tokens of the selected blocks, plus every *always-selected* token — the
-  special tokens (camera/register) of every frame and all tokens of the reference frame;
+  special tokens (camera/register) of every frame, all tokens of the reference frame and, with
+  ``anchor_every = n``, of frames 0, n, 2n, ... (the paper keeps every 100th frame for VGGT);
 * every unselected block b stands in as one pooled key with logit ``q_blk . k_b`` (block-mean
   query against block-mean key, which by linearity is the mean of the block pair's exact logits)
   plus ``log |b|`` (it stands for |b| tokens), and value ``mean v_b``.
@@ -72,10 +73,13 @@ class Speed3RConfig:
         the official value; the learned model only runs with the size it was trained with).
     top_k: key blocks each query block attends to exactly, >= 1; values >= the number of blocks
         mean every block (training-free mode: then exactly dense attention).
+    anchor_every: training-free mode: frames 0, n, 2n, ... are always selected (every query sees
+        all their tokens exactly), >= 0; 0 = none (the paper's VGGT variant uses 100).
     """
 
     block_size: tuple[int, int] = (4, 4)
     top_k: int = 32
+    anchor_every: int = 0
 
     def __post_init__(self) -> None:
         block = tuple(int(x) for x in self.block_size) if not isinstance(self.block_size, int) else (int(self.block_size),) * 2
@@ -85,6 +89,9 @@ class Speed3RConfig:
         if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or int(self.top_k) < 1:
             raise ValueError(f"top_k (key blocks per query block) must be an int >= 1, got {self.top_k}")
         object.__setattr__(self, "top_k", int(self.top_k))
+        if isinstance(self.anchor_every, bool) or int(self.anchor_every) != self.anchor_every or int(self.anchor_every) < 0:
+            raise ValueError(f"anchor_every (every n-th frame always selected; 0 = none) must be an int >= 0, got {self.anchor_every}")
+        object.__setattr__(self, "anchor_every", int(self.anchor_every))
 
     @property
     def block_tokens(self) -> int:
@@ -263,17 +270,21 @@ def speed3r_gated_attention(inputs, config: Speed3RConfig, chunk_elements: int =
 
 @dataclass(frozen=True)
 class BlockTable:
-    """Blocks of a row-major layout (device tensors; depends only on the layout and window)."""
+    """Blocks of a row-major layout (device tensors; depends only on the layout, window and
+    anchor stride). Query blocks cover every non-reference frame; key blocks are the query blocks
+    of the frames that are not anchors."""
 
     tokens: torch.Tensor  # [nb, bt] int64 token of each block slot; padding slots repeat the block's first token
     valid: torch.Tensor  # [nb, bt] bool, False for padding slots of edge windows
     sizes: torch.Tensor  # [nb] float32 real tokens per block
-    always: torch.Tensor  # [A] int64 special tokens of every frame + all reference-frame tokens
+    key_blocks: torch.Tensor  # [nk] int64 rows of `tokens` that are selectable key blocks
+    dense: torch.Tensor  # [P] int64 queries attending densely: special tokens + reference frame
+    always: torch.Tensor  # [A] int64 keys every query sees exactly: `dense` + the anchor frames' patches
     padded: bool
 
 
 @lru_cache(maxsize=64)
-def _block_table(key: tuple, window: tuple[int, int], device: str) -> BlockTable:
+def _block_table(key: tuple, window: tuple[int, int], anchor_every: int, device: str) -> BlockTable:
     frames, tpf, special, grid, ref = key
     layout = TokenLayout(frames, tpf, special, grid, ref)
     rows, cols = grid
@@ -284,18 +295,25 @@ def _block_table(key: tuple, window: tuple[int, int], device: str) -> BlockTable
     valid = ((r < rows) & (c < cols)).reshape(nr * nc, wr * wc)
     local = (r * cols + c).reshape(nr * nc, wr * wc)
     local = torch.where(valid, local, local[:, :1])  # slot 0 of a window is always inside the grid
-    frames_kept = torch.tensor([f for f in range(frames) if f != ref], dtype=torch.int64)
+    kept = [f for f in range(frames) if f != ref]
+    frames_kept = torch.tensor(kept, dtype=torch.int64)
     tokens = (frames_kept[:, None, None] * tpf + special + local[None]).reshape(-1, wr * wc)
-    valid = valid.expand(len(frames_kept), -1, -1).reshape(-1, wr * wc)
-    always = torch.nonzero(layout.protected_mask(), as_tuple=False).flatten()
-    return BlockTable(tokens.to(device), valid.to(device), valid.sum(-1).float().to(device), always.to(device),
-                      bool((~valid).any()))
+    valid = valid.expand(len(kept), -1, -1).reshape(-1, wr * wc)
+    anchor = torch.tensor([bool(anchor_every) and f % anchor_every == 0 for f in kept], dtype=torch.bool)
+    per_frame = nr * nc
+    key_blocks = torch.nonzero((~anchor).repeat_interleave(per_frame), as_tuple=False).flatten()
+    dense = torch.nonzero(layout.protected_mask(), as_tuple=False).flatten()
+    anchor_rows = torch.nonzero(anchor.repeat_interleave(per_frame), as_tuple=False).flatten()
+    anchor_tokens = tokens[anchor_rows][valid[anchor_rows]]
+    always = torch.cat((dense, anchor_tokens)).sort().values
+    return BlockTable(tokens.to(device), valid.to(device), valid.sum(-1).float().to(device), key_blocks.to(device),
+                      dense.to(device), always.to(device), bool((~valid).any()))
 
 
-def block_table(layout: TokenLayout, window: tuple[int, int], device) -> BlockTable:
+def block_table(layout: TokenLayout, window: tuple[int, int], device, anchor_every: int = 0) -> BlockTable:
     if layout.window is not None:
         raise ValueError("training-free Speed3R expects row-major patch tokens (this layout is window-major)")
-    return _block_table(layout_key(layout), tuple(window), str(torch.device(device)))
+    return _block_table(layout_key(layout), tuple(window), int(anchor_every), str(torch.device(device)))
 
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -342,52 +360,60 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     """Speed3R without learned gates (module docstring): ``[B, H, N, d]`` in token order."""
     b, h, n_tok, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    table = block_table(layout, config.block_size, q.device)
+    table = block_table(layout, config.block_size, q.device, config.anchor_every)
     nb, bt = table.tokens.shape
+    nk = table.key_blocks.numel()
     if nb == 0:
         return exact_attention(q, k, v, scale)
     flat = table.tokens.reshape(-1)
     qb, kb, vb = (t.index_select(2, flat).view(b, h, nb, bt, d) for t in (q, k, v))
     slot_weight = (table.valid.float() / table.sizes[:, None])[..., None]  # masked mean
-    q_pool, k_pool, v_pool = ((t.float() * slot_weight).sum(-2) for t in (qb, kb, vb))
-    log_sizes = table.sizes.log()
-    key_bias = torch.zeros(nb, bt, device=q.device).masked_fill_(~table.valid, float("-inf")) if table.padded else None
-    top = min(config.top_k, nb)
+    q_pool = (qb.float() * slot_weight).sum(-2)
+    key_weight = slot_weight.index_select(0, table.key_blocks)
+    k_pool, v_pool = ((t.index_select(2, table.key_blocks).float() * key_weight).sum(-2) for t in (kb, vb))
+    log_sizes = table.sizes.index_select(0, table.key_blocks).log()
+    key_bias = None
+    if table.padded:
+        key_bias = torch.zeros(nb, bt, device=q.device).masked_fill_(~table.valid, float("-inf"))
+    top = min(config.top_k, nk)
     out = torch.empty_like(q)
+    if table.dense.numel():
+        out[:, :, table.dense] = exact_attention(q.index_select(2, table.dense), k, v, scale)
     always = None
     if table.always.numel():
-        dense = table.always
-        out[:, :, dense] = exact_attention(q.index_select(2, dense), k, v, scale)
         # The always-selected keys for all block queries in one call (merged per chunk below).
-        o_always, lse_always = attend_with_lse(qb.view(b, h, nb * bt, d), k.index_select(2, dense),
-                                               v.index_select(2, dense), scale)
+        o_always, lse_always = attend_with_lse(qb.view(b, h, nb * bt, d), k.index_select(2, table.always),
+                                               v.index_select(2, table.always), scale)
         always = (o_always.view(b, h, nb, bt, d), lse_always.view(b, h, nb, bt))
     k_pool_t = k_pool.transpose(-1, -2)
-    per_block = b * h * (2 * nb + 2 * top * bt * d + bt * d)
+    per_block = b * h * (2 * nk + 2 * top * bt * d + bt * d)
     for s, e in _chunks(nb, per_block, chunk_elements):
         c = e - s
-        logits = torch.matmul(q_pool[:, :, s:e], k_pool_t)  # [B, H, c, nb], mean logits of block pairs
-        index = topk_key_blocks(logits, top)
-        bias = None
-        if key_bias is not None:
-            bias = key_bias.index_select(0, index.reshape(-1)).view(b * h, c, 1, top * bt)
-        if workspace is not None:
-            shape = (b, h, c, top * bt, d)
-            ks = _block_rows(kb, index, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
-            vs = _block_rows(vb, index, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
-        else:
-            ks, vs = _block_rows(kb, index), _block_rows(vb, index)
-        o_sel, lse_sel = attend_with_lse(qb[:, :, s:e].reshape(b * h, c, bt, d), ks.view(b * h, c, top * bt, d),
-                                         vs.view(b * h, c, top * bt, d), scale, bias)
-        parts = [(o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt))]
+        parts = []
         if always is not None:
             parts.append((always[0][:, :, s:e], always[1][:, :, s:e]))
-        if top < nb:
-            # Every unselected block as one key: logit = mean logit + log(size), value = mean value.
-            w = logits.mul_(scale).add_(log_sizes).scatter_(-1, index, float("-inf"))
-            lse = torch.logsumexp(w, dim=-1)
-            o = torch.matmul(torch.softmax(w, dim=-1), v_pool)
-            parts.append((o[:, :, :, None, :], lse[:, :, :, None]))
+        if top:
+            logits = torch.matmul(q_pool[:, :, s:e], k_pool_t)  # [B, H, c, nk], mean logits of block pairs
+            index = topk_key_blocks(logits, top)
+            rows = table.key_blocks[index]
+            bias = None
+            if key_bias is not None:
+                bias = key_bias.index_select(0, rows.reshape(-1)).view(b * h, c, 1, top * bt)
+            if workspace is not None:
+                shape = (b, h, c, top * bt, d)
+                ks = _block_rows(kb, rows, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
+                vs = _block_rows(vb, rows, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
+            else:
+                ks, vs = _block_rows(kb, rows), _block_rows(vb, rows)
+            o_sel, lse_sel = attend_with_lse(qb[:, :, s:e].reshape(b * h, c, bt, d), ks.view(b * h, c, top * bt, d),
+                                             vs.view(b * h, c, top * bt, d), scale, bias)
+            parts.append((o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt)))
+            if top < nk:
+                # Every unselected block as one key: logit = mean logit + log(size), value = mean value.
+                w = logits.mul_(scale).add_(log_sizes).scatter_(-1, index, float("-inf"))
+                lse = torch.logsumexp(w, dim=-1)
+                o = torch.matmul(torch.softmax(w, dim=-1), v_pool)
+                parts.append((o[:, :, :, None, :], lse[:, :, :, None]))
         merged = merge_partial_attention(parts)  # [B, H, c, bt, d]
         if table.padded:
             valid = table.valid[s:e]
@@ -435,11 +461,11 @@ class Speed3ROp:
         the gates are in :meth:`overhead_flops`."""
         if layout.window is not None:
             return layout.num_tokens, min(self.config.top_k * self.config.block_tokens, layout.num_tokens)
-        table = block_table(layout, self.config.block_size, "cpu")
+        table = block_table(layout, self.config.block_size, "cpu", self.config.anchor_every)
         nb, bt = table.tokens.shape
         if nb == 0:
             return layout.num_tokens, layout.num_tokens
-        return int(table.valid.sum()), table.always.numel() + min(self.config.top_k, nb) * bt
+        return int(table.valid.sum()), table.always.numel() + min(self.config.top_k, table.key_blocks.numel()) * bt
 
     def overhead_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> int:
         """Per layer: pooling (3 N d), the pooled logits and pooled attention / fold (4 n^2 d),
@@ -450,12 +476,11 @@ class Speed3ROp:
             nb = n_tok // self.config.block_tokens
             per_head = 3 * n_tok * d + 4 * nb * nb * d + 3 * n_tok * d
             return batch * (heads * per_head + 2 * n_tok * heads * d * 2 * heads)
-        table = block_table(layout, self.config.block_size, "cpu")
-        nb = table.tokens.shape[0]
+        table = block_table(layout, self.config.block_size, "cpu", self.config.anchor_every)
+        nb, nk = table.tokens.shape[0], table.key_blocks.numel()
         if nb == 0:
             return 0
-        protected = table.always.numel()
-        per_head = 3 * n_tok * d + 4 * nb * nb * d + 6 * n_tok * d + 4 * protected * n_tok * d
+        per_head = 3 * n_tok * d + 4 * nb * nk * d + 6 * n_tok * d + 4 * table.dense.numel() * n_tok * d
         return batch * heads * per_head
 
 
