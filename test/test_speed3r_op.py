@@ -291,3 +291,13 @@ def test_gradients_reach_the_gates_of_pi3_speed3r():
     out["local_points"].abs().mean().backward()
     gate = model.global_decoder[0].attn.gate[0].weight
     assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_pi3_speed3r_runs_in_bfloat16():
+    images = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = load_pretrained("pi3-speed3r-tiny", "seeded")(images, heads=("camera", "mid_hidden"))
+        half = load_pretrained("pi3-speed3r-tiny", "seeded", dtype=torch.bfloat16)(images, heads=("camera", "mid_hidden"))
+    assert half["mid_hidden"].dtype == torch.bfloat16 and set(half) == {"camera_poses", "mid_hidden"}
+    mid = ref["mid_hidden"]
+    assert float((half["mid_hidden"].float() - mid).abs().mean() / mid.abs().mean()) < 0.05
