@@ -248,3 +248,17 @@ def test_full_speed3r_matches_golden(shared, monkeypatch):
     if differing:  # README §8 step 3: compare with the golden selection forced
         results, _ = run_with_debug(model, images, monkeypatch, forced=[golden_all[i] for i in range(golden_all.shape[0])])
     assert_matches_golden(case, {k: v for k, v in results.items() if k in case.meta["tolerance"]["per_tensor"]})
+
+
+def test_forcing_the_golden_selection_and_what_one_flip_costs(tiny_case, tiny_model, monkeypatch):
+    """The full case's fallback path (golden indices forced) reproduces the golden; replacing a
+    single selected block in one row of one layer is visible in the outputs."""
+    golden_all = tiny_case.tensors["dbg.topk_idx_all"]
+    forced = [golden_all[i].clone() for i in range(golden_all.shape[0])]
+    results, _ = run_with_debug(tiny_model, tiny_case.tensors["images"], monkeypatch, forced=forced)
+    assert_matches_golden(tiny_case, results)
+    row = forced[0][0, 0, 5]
+    outside = [b for b in range(golden_all.shape[-2]) if b not in row.tolist()]
+    row[-1] = outside[0]
+    flipped, _ = run_with_debug(tiny_model, tiny_case.tensors["images"], monkeypatch, forced=forced)
+    assert mismatch_report(flipped["mid_hidden"], tiny_case.tensors["mid_hidden"], tiny_case.tolerance("mid_hidden")["tol"])
