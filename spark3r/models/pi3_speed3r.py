@@ -87,10 +87,10 @@ class Pi3Speed3R(Pi3):
         """Patch (r, c) at (r, c): Speed3R's positions start at 0."""
         return grid_positions(grid[0], grid[1], 0, device=device, offset=0)
 
-    def aggregate(self, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
-        """Patch tokens ``[B, N, Np, C]`` (row-major) -> ``[last, mid]``, both ``[B, N, Np, 2C]``
-        row-major: the cat of the last frame and global block, and of the frame and global block
-        of layer pair ``L/2 - 1`` (``mid_hidden``)."""
+    def aggregate(self, patch_tokens: torch.Tensor, grid: tuple[int, int], with_mid: bool = True) -> list[torch.Tensor]:
+        """Patch tokens ``[B, N, Np, C]`` (row-major) -> ``[last, mid]`` (``[last]`` without
+        ``with_mid``), both ``[B, N, Np, 2C]`` row-major: the cat of the last frame and global
+        block, and of the frame and global block of layer pair ``L/2 - 1`` (``mid_hidden``)."""
         cfg = self.config
         b, s, p, c = patch_tokens.shape
         window = (cfg.window, cfg.window)
@@ -106,9 +106,10 @@ class Pi3Speed3R(Pi3):
             layout = TokenLayout(frames=s, tokens_per_frame=p, special_tokens=0, grid=(int(grid[0]), int(grid[1])),
                                  reference_frame=None, layer=i, num_layers=pairs, window=window)
             x = global_blk(x.reshape(b, s * p, c), pos=pos, layout=layout)
-            if i in (pairs - 1, pairs // 2 - 1):
+            if i == pairs - 1 or (with_mid and i == pairs // 2 - 1):
                 kept[i] = [frame_out.reshape(b, s, p, c), x.reshape(b, s, p, c)]
-        return [torch.cat(kept[i], dim=-1)[:, :, restore] for i in (pairs - 1, pairs // 2 - 1)]
+        wanted = (pairs - 1, pairs // 2 - 1) if with_mid else (pairs - 1,)
+        return [torch.cat(kept[i], dim=-1)[:, :, restore] for i in wanted]
 
     def forward(
         self,
@@ -138,10 +139,10 @@ class Pi3Speed3R(Pi3):
             raise ValueError(f"Speed3R-π3 needs image sides that are multiples of {multiple} px "
                              f"({self.config.window}x{self.config.window} windows of {self.config.patch_size}-px patches), got {h}x{w}")
         wanted = self._requested_heads(heads)
-        hidden, mid = self.aggregate(patch_tokens, grid)
-        out = self._run_heads(hidden, grid, images.shape, wanted - {MID_HIDDEN})
+        decoded = self.aggregate(patch_tokens, grid, with_mid=MID_HIDDEN in wanted)
+        out = self._run_heads(decoded[0], grid, images.shape, wanted - {MID_HIDDEN})
         if MID_HIDDEN in wanted:
-            out[MID_HIDDEN] = mid
+            out[MID_HIDDEN] = decoded[1]
         return out
 
     def _requested_heads(self, heads: Optional[Iterable[str]]) -> set[str]:
