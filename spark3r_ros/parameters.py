@@ -88,3 +88,75 @@ class NodeSettings:
         backbone_values = section(BackboneConfig)
         backbone_values.update({n: v for n, v in values.items() if n.startswith("reduction.")})
         return cls(BackboneConfig.from_flat(backbone_values), mapper, outputs, node)
+
+
+# -- the documentation views of the same specs (config/mapping.yaml, the README table) ----------
+
+_SECTIONS = (
+    ("backbone", lambda: parameter_specs(BackboneConfig)),
+    ("reduction method parameters (reduction.<name>; only the chosen method's may differ from their default)",
+     reduction_parameter_specs),
+    ("keyframe gate", lambda: parameter_specs(KeyframeConfig)),
+    ("sliding window and alignment", lambda: parameter_specs(WindowConfig)),
+    ("point extraction and voxel map", lambda: parameter_specs(MapConfig)),
+    ("frames, TF (REP-105) and path", lambda: parameter_specs(OutputConfig)),
+    ("input, map rate, services", lambda: parameter_specs(NodeConfig)),
+)
+
+
+def _yaml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def range_text(spec: ParamSpec) -> str:
+    """The README's range column: ``low–high`` with its step and excluded bounds, or the choices."""
+    if spec.choices:
+        return ", ".join(str(c) for c in spec.choices)
+    if spec.range is None:
+        return ""
+    lo, hi = spec.range
+    text = f"{lo}–{hi}"
+    if spec.step not in (None, 1):
+        text += f", step {spec.step}"
+    excluded = [str(b) for b, side in ((lo, "low"), (hi, "high")) if side in spec.exclusive]
+    return text + (f" (not {' or '.join(excluded)})" if excluded else "")
+
+
+def mapping_yaml(node_name: str, width: int = 100) -> str:
+    """``config/mapping.yaml``: every declared parameter at its default, with its description."""
+    import textwrap
+
+    lines = [f"# Parameters of the spark3r mapping node (node name {node_name}, see launch/mapping.launch.py).",
+             "# Every parameter the node declares is here; names are the same in the mapper's config dataclasses,",
+             "# on the command line (--ros-args -p name:=value) and in the README. Read once at start-up.",
+             "# Generated from the config dataclasses: python -m spark3r_ros.parameters yaml",
+             f"{node_name}:", "  ros__parameters:"]
+    for title, specs in _SECTIONS:
+        lines.append(f"    # --- {title}")
+        for spec in specs().values():
+            lines += textwrap.wrap(spec.doc, width, initial_indent="    # ", subsequent_indent="    # ")
+            lines.append(f"    {spec.name}: {_yaml_value(spec.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def readme_table() -> str:
+    """The README's parameter table."""
+    rows = ["| parameter | default | range | meaning |", "|---|---|---|---|"]
+    for _, specs in _SECTIONS:
+        for spec in specs().values():
+            rows.append(f"| `{spec.name}` | `{_yaml_value(spec.default)}` | {range_text(spec)} | {spec.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    from spark3r_ros.mapping_node import NODE_NAME
+
+    sys.stdout.write(mapping_yaml(NODE_NAME) if sys.argv[1:] == ["yaml"] else readme_table())

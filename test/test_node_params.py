@@ -212,5 +212,5 @@ def test_readme_parameter_table_lists_every_parameter():
 
     readme = (REPO / "README.md").read_text()
     section = readme.split("### Parameters", 1)[1].split("\n### ", 1)[0]
-    names = re.findall(r"^\| `([a-z_0-9]+)` \|", section, flags=re.MULTILINE)
+    names = re.findall(r"^\| `([a-z_0-9.]+)` \|", section, flags=re.MULTILINE)
     assert len(names) == len(set(names)) and set(names) == set(all_parameter_docs())
