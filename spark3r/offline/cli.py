@@ -79,6 +79,11 @@ def backbone_values(args, params: dict) -> dict:
               "reduction": args.reduction, "reduction_schedule": str(Path(args.reduction_schedule).expanduser())
               if args.reduction_schedule else "", "image_width": args.image_width,
               "cache_max_frames": args.cache_max_frames}
+    schedule = reduction_params.pop("schedule", None)
+    if schedule is not None:  # the schedule file has its own parameter, reduction_schedule
+        if values["reduction_schedule"] and values["reduction_schedule"] != str(Path(schedule).expanduser()):
+            raise ValueError("the schedule is given twice (--reduction-schedule and --reduction-params) with different files")
+        values["reduction_schedule"] = str(Path(schedule).expanduser())
     for name, value in reduction_params.items():
         values[REDUCTION_PREFIX + name] = value
     for name, value in params.items():
@@ -92,15 +97,16 @@ def backbone_values(args, params: dict) -> dict:
 def build_backbone(args, params: Optional[dict] = None) -> tuple[object, dict]:
     """The backbone chosen on the command line (a BackboneConfig for a model: it is built only
     once the inputs are fine) and a description for the report."""
+    from spark3r.mapping import BackboneConfig
+
+    # Checked even for the test double, so a bad flag is refused the same way with any backbone.
+    cfg = BackboneConfig.from_flat(backbone_values(args, params or {}))
     if args.ground_truth is not None:
         from spark3r.mapping.testing import GroundTruthBackbone
         from spark3r.offline.benchmark import load_tum_ground_truth
 
         return GroundTruthBackbone(load_tum_ground_truth(args.ground_truth)), {
             "type": "GroundTruthBackbone (test double)", "ground_truth": str(args.ground_truth)}
-    from spark3r.mapping import BackboneConfig
-
-    cfg = BackboneConfig.from_flat(backbone_values(args, params or {}))
     return cfg, {"type": "ModelBackbone", "backbone": cfg.backbone, "checkpoint": cfg.checkpoint, "reduction": cfg.reduction,
                  "reduction_params": cfg.reduction_params, "image_width": cfg.image_width, "device": cfg.device,
                  "dtype": cfg.dtype}
