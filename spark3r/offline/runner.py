@@ -220,7 +220,11 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
     mapper = Mapper(config, recorder, base_to_camera=source.base_to_camera)
     (staging / "keyframes").mkdir()
     # The live node's default frames and TF policy (it owns odometry), with the input's base frame.
-    composer = OutputComposer(OutputConfig(base_frame=source.base_frame))
+    try:
+        composer = OutputComposer(OutputConfig(base_frame=source.base_frame))
+    except ValueError as exc:
+        raise ValueError(f"the input's base frame {source.base_frame!r} (root of its /tf_static) cannot be the "
+                         f"outputs' base_link: {exc}") from None
     bag = MapBagWriter(staging / "mapping.bag")
     run = _Run(staging, bag, composer, recorder)
     progress = Progress(progress_stream, source.expected_frames if max_frames is None else max_frames)
