@@ -6,7 +6,7 @@ budgets), :mod:`.flops` (closed-form FLOP model), :mod:`.bench` and :mod:`.calib
 """
 from .apply import METHODS, AccelHandle, apply, build_op, make_config, register_method, remove
 from .dense import DenseConfig
-from .layout import GlobalAttentionOp, TokenLayout
+from spark3r.models.layers.layout import GlobalAttentionOp, TokenLayout
 from .schedule import KVSchedule, default_schedule, load_schedule, save_schedule
 from .spark3r import Spark3RConfig
 from .uniform import UniformConfig

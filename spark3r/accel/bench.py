@@ -26,7 +26,7 @@ from . import flops as flops_mod
 from . import native
 from .apply import apply, build_op, make_config, remove
 from .common import relative_error
-from .layout import TokenLayout
+from spark3r.models.layers.layout import TokenLayout
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .common import check_qkv, exact_attention
-from .layout import TokenLayout
+from spark3r.models.layers.layout import TokenLayout
 
 
 @dataclass(frozen=True)

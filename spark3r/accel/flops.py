@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from .common import exact_attention
-from .layout import TokenLayout
+from spark3r.models.layers.layout import TokenLayout
 
 
 def dense_attention_flops(num_tokens: int, heads: int, head_dim: int, batch: int = 1) -> int:

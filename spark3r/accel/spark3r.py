@@ -38,7 +38,7 @@ import torch
 from . import native
 from .common import (Workspace, attention_with_extra_keys, check_qkv, exact_attention, gather_rows, layout_key,
                      row_view, static_index)
-from .layout import TokenLayout
+from spark3r.models.layers.layout import TokenLayout
 from .schedule import KVSchedule
 
 KV_SCORES = ("query_mean", "query_summary", "key_norm")

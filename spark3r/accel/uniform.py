@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .common import check_qkv, exact_attention, layout_key, static_index
-from .layout import TokenLayout
+from spark3r.models.layers.layout import TokenLayout
 
 
 @dataclass(frozen=True)
