@@ -103,6 +103,11 @@ class BackboneModel(nn.Module):
         """The attention module of every global (multi-view) layer, in layer order."""
         raise NotImplementedError
 
+    def forward_prepared(self, inputs: ForwardInputs, **options) -> dict[str, torch.Tensor]:
+        """Everything after :meth:`prologue`: the multi-view stage and the requested heads. Returns
+        the backbone's own output dict (documented there, in the model's official names)."""
+        raise NotImplementedError
+
     def decode(self, outputs: dict, image_hw: tuple[int, int]) -> BackboneOutputs:
         """This model's ``forward`` outputs for network images of ``image_hw`` -> the convention."""
         raise NotImplementedError
@@ -150,6 +155,23 @@ class BackboneModel(nn.Module):
         if missing:
             raise ValueError(f"heads {sorted(missing)} were disabled when the model was built")
         return wanted
+
+    def forward(self, images: torch.Tensor, *, patch_tokens: Optional[torch.Tensor] = None,
+                heads: Optional[Iterable[str]] = None, **options) -> dict[str, torch.Tensor]:
+        """Run the model.
+
+        Args:
+            images: ``[S, 3, H, W]`` or ``[B, S, 3, H, W]``, RGB in [0, 1] (normalised inside),
+                height and width multiples of ``config.patch_size``.
+            patch_tokens: optional output of :meth:`encode_patches` for these images (skips the
+                per-frame encoder; see :meth:`patch_token_shape`).
+            heads: subset of ``HEAD_NAMES`` (or an alias) to run; default all enabled heads.
+            options: backbone-specific keyword options of :meth:`forward_prepared`.
+
+        Returns the backbone's own outputs (see its :meth:`forward_prepared`); :meth:`decode`
+        turns them into :class:`BackboneOutputs`.
+        """
+        return self.forward_prepared(self.prologue(images, patch_tokens, heads), **options)
 
     def prologue(self, images: torch.Tensor, patch_tokens: Optional[torch.Tensor],
                  heads: Optional[Iterable[str]]) -> ForwardInputs:

@@ -20,12 +20,12 @@ output, current output), restored to input order -> DualDPT depth head and camer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .base import BackboneModel, BackboneOutputs, camera_to_world
+from .base import BackboneModel, BackboneOutputs, ForwardInputs, camera_to_world
 from .camera import quaternion_to_matrix
 from .layers.attention import Attention
 from .layers.block import Block
@@ -410,30 +410,18 @@ class DepthAnything3(BackboneModel):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        patch_tokens: Optional[torch.Tensor] = None,
-        heads: Optional[Iterable[str]] = None,
-        ref_view_strategy: Optional[str] = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run the model.
+    def forward_prepared(self, inputs: ForwardInputs, ref_view_strategy: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """Multi-view blocks and the requested heads (``forward(images, patch_tokens=...,
+        heads=..., ref_view_strategy=...)``; heads from ``("camera", "depth")``, default both).
 
-        Args:
-            images: ``[S, 3, H, W]`` or ``[B, S, 3, H, W]``, RGB in **[0, 1]** (normalised here),
-                H and W multiples of 14.
-            patch_tokens: optional ``[B, S, 1 + Np, C]`` from :meth:`encode_patches`.
-            heads: subset of ``("camera", "depth")`` (default both).
-            ref_view_strategy: ``saddle_balanced`` (default of the config), ``first``, ``middle``
-                or ``saddle_sim_range``; used for >= 3 views. Outputs are always in input order.
+        ``ref_view_strategy``: ``saddle_balanced`` (default of the config), ``first``, ``middle``
+        or ``saddle_sim_range``; used for >= 3 views. Outputs are always in input order.
 
         Returns (official names, float32): ``depth`` [B,S,H,W], ``depth_conf`` [B,S,H,W],
         ``extrinsics`` [B,S,3,4] (world-to-camera, OpenCV; the world is the reference view's
         camera), ``intrinsics`` [B,S,3,3] (input pixels), plus ``pose_enc`` [B,S,9] (the
         camera-to-world encoding the extrinsics come from) and ``ref_view_index`` [B] (-1: none).
         """
-        inputs = self.prologue(images, patch_tokens, heads)
         h, w = inputs.images.shape[-2:]
         wanted = inputs.heads
         outputs, ref = self.run_backbone(inputs.patch_tokens, inputs.grid, ref_view_strategy)

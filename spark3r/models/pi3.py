@@ -17,7 +17,7 @@ therefore report ``reference_frame=None`` to token-reduction methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import nn
 
 from .layers.layout import TokenLayout
 
-from .base import BackboneModel, BackboneOutputs
+from .base import BackboneModel, BackboneOutputs, ForwardInputs
 from .layers.attention import Attention
 from .layers.block import Block
 from .layers.rope import RoPE2D, grid_positions
@@ -281,28 +281,16 @@ class Pi3(BackboneModel):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        patch_tokens: Optional[torch.Tensor] = None,
-        heads: Optional[Iterable[str]] = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run the model.
-
-        Args:
-            images: ``[N, 3, H, W]`` or ``[B, N, 3, H, W]``, RGB in [0, 1], H and W multiples of 14.
-            patch_tokens: optional ``[B, N, Np, C]`` from :meth:`encode_patches` (skips DINO).
-            heads: subset of ``("camera", "point", "conf")`` (default all). The mapper's
-                ``("camera", "depth")`` request is accepted: depth is the z of the local points,
-                so "depth" runs the point head.
+    def forward_prepared(self, inputs: ForwardInputs) -> dict[str, torch.Tensor]:
+        """Decoder and the requested heads (``forward(images, patch_tokens=..., heads=...)`` with
+        heads from ``("camera", "point", "conf")``, default all; the mapper's ``"depth"`` stands
+        for point + conf: depth is the z of the local points).
 
         Returns (official names, float32): ``points`` [B,N,H,W,3] (world = camera_poses applied
         to local points), ``local_points`` [B,N,H,W,3], ``conf`` [B,N,H,W,1] (raw logits),
         ``camera_poses`` [B,N,4,4] (camera-to-world, OpenCV, arbitrary world frame); only those
         the requested heads produce.
         """
-        inputs = self.prologue(images, patch_tokens, heads)
         b, s, _, h, w = inputs.images.shape
         grid, wanted = inputs.grid, inputs.heads
         hidden = self.aggregate(inputs.patch_tokens, grid)[0]

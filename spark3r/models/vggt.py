@@ -18,7 +18,7 @@ from torch import nn
 
 from .layers.layout import TokenLayout
 
-from .base import BackboneModel, BackboneOutputs, camera_to_world
+from .base import BackboneModel, BackboneOutputs, ForwardInputs, camera_to_world
 from .camera import pose_encoding_to_extrinsics_intrinsics
 from .images import batched_images, normalize_images
 from .layers.attention import Attention
@@ -391,26 +391,15 @@ class VGGT(BackboneModel):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        patch_tokens: Optional[torch.Tensor] = None,
-        heads: Optional[Iterable[str]] = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run the model.
-
-        Args:
-            images: ``[S, 3, H, W]`` or ``[B, S, 3, H, W]``, RGB in [0, 1], H and W multiples of 14.
-            patch_tokens: optional ``[B, S, Np, C]`` from :meth:`encode_patches` (skips DINO).
-            heads: subset of ``("camera", "depth", "point")`` to run (default: all enabled).
+    def forward_prepared(self, inputs: ForwardInputs) -> dict[str, torch.Tensor]:
+        """Aggregator and the requested heads (``forward(images, patch_tokens=..., heads=...)``
+        with heads from ``("camera", "depth", "point")``; default all enabled).
 
         Returns (official names; B is always present):
             ``pose_enc`` [B,S,9] and ``pose_enc_list`` (per iteration), ``depth`` [B,S,H,W,1],
             ``depth_conf`` [B,S,H,W], ``world_points`` [B,S,H,W,3], ``world_points_conf``
             [B,S,H,W], ``images`` (the batched input).
         """
-        inputs = self.prologue(images, patch_tokens, heads)
         images, wanted = inputs.images, inputs.heads
         h, w = images.shape[-2:]
         tokens = self.aggregate(inputs.patch_tokens, inputs.grid)
