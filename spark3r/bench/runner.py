@@ -6,7 +6,7 @@ FLOP-model speedup and the Amdahl bound, peak memory, fidelity vs dense, and —
 q/k/v of one real global layer captured during the dense run — the attention op's own speedup and
 its efficiency (measured speedup / FLOP-model speedup, overheads included).
 
-Weights are seeded-v1 (deterministic synthetic, ``spark3r.seeded``) unless a checkpoint is given;
+Weights are seeded-v1 (deterministic synthetic, ``spark3r.models.seeded``) unless a checkpoint is given;
 with synthetic weights the fidelity numbers say how much a method perturbs *this* network, not
 how good real reconstructions are.
 """

@@ -88,6 +88,16 @@ def register_preset(name: str, cls: type[BackboneModel], config, *, source: Opti
         HF_MODEL_NAMES[hf_model_name] = name
 
 
+def unregister_preset(name: str) -> None:
+    """Remove a preset added with :func:`register_preset` (tests, plugins that unload)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}")
+    del _PRESETS[name]
+    DEFAULT_SOURCES.pop(name, None)
+    for hf_name in [k for k, v in HF_MODEL_NAMES.items() if v == name]:
+        del HF_MODEL_NAMES[hf_name]
+
+
 register_preset("vggt-1b", VGGT, VGGTConfig(), source="facebook/VGGT-1B")
 register_preset("vggt-tiny", VGGT, _VGGT_TINY)
 register_preset("pi3", Pi3, Pi3Config(), source="yyfz233/Pi3")
