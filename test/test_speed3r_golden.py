@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-import spark3r.accel.speed3r as speed3r
+import spark3r.models.layers.sparse_attention as speed3r
 from golden_utils import load_case, mismatch_report, tensor_digest
 from spark3r.models import CheckpointMismatchError, build_model, load_pretrained, load_weights
 from spark3r.models.checkpoints import preset_from_hf_config

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from spark3r import accel
-from spark3r.accel.layout import TokenLayout
-from spark3r.accel.speed3r import (Speed3RConfig, Speed3ROp, block_sparse_attention, block_table, gated_combine,
-                                   pooled_attention, pooled_positions, topk_key_blocks, training_free_attention,
-                                   window_major_permutation)
+from spark3r.accel.speed3r import Speed3RConfig, Speed3ROp, block_table, training_free_attention
+from spark3r.models.layers.layout import TokenLayout
+from spark3r.models.layers.sparse_attention import (block_sparse_attention, gated_combine, pooled_attention,
+                                                    pooled_positions, topk_key_blocks, window_major_permutation)
 from spark3r.models import load_pretrained
 from spark3r.models.layers.attention import Attention, AttentionLayerInputs
 from spark3r.models.layers.rope import RoPE2D, grid_positions
@@ -268,13 +268,21 @@ def test_op_prices_pooled_attention_and_blocks():
     layout = TokenLayout(frames=100, tokens_per_frame=5 + 24 * 36, special_tokens=5, grid=(24, 36), reference_frame=0)
     op = Speed3ROp(Speed3RConfig())
     protected = int(layout.protected_mask().sum())
-    nq, nk = op.reduced_sizes(layout)
-    assert (nq, nk) == (layout.num_tokens - protected, protected + 32 * 16)
-    nb, n, d = 99 * 6 * 9, layout.num_tokens, 64
-    expected = 16 * (3 * n * d + 4 * nb * nb * d + 6 * n * d + 4 * protected * n * d)
-    assert op.overhead_flops(layout, heads=16, head_dim=d) == expected
-    total = 4 * 16 * nq * nk * d + expected
-    assert 4 * 16 * n * n * d / total > 20  # 100 frames: most of dense attention is avoided
+    n, d = layout.num_tokens, 64
+    block_queries = n - protected
+    nb = 99 * 6 * 9
+    cost = op.attention_flops(layout, heads=16, head_dim=d)
+    assert cost.attention == 4 * 16 * d * (block_queries * (protected + 32 * 16) + protected * n)
+    assert cost.overhead == 16 * (3 * n * d + 4 * nb * nb * d + 6 * n * d)
+    assert cost.queries == n
+    assert 4 * 16 * n * n * d / cost.total > 20  # 100 frames: most of dense attention is avoided
+    # The learned layer (window-major, no special tokens): top-k blocks, pooled attention, gates.
+    learned = TokenLayout(frames=100, tokens_per_frame=24 * 36, special_tokens=0, grid=(24, 36), reference_frame=None,
+                          window=(4, 4))
+    cost = op.attention_flops(learned, heads=16, head_dim=d)
+    m = learned.num_tokens
+    assert (cost.queries, cost.keys) == (m, 512) and cost.attention == 4 * 16 * m * 512 * d
+    assert cost.overhead == 16 * (6 * m * d + 4 * (m // 16) ** 2 * d) + 2 * m * 16 * d * 32
 
 
 def test_gradients_flow_through_the_training_free_op():

@@ -1,7 +1,8 @@
 """Speed3R: dual-branch sparse global attention (arXiv 2603.08055).
 
 Tokens are grouped into *blocks*: the patches of one ``block_size`` window (4x4 by default) of
-one frame. Per global layer and head two branches run:
+one frame. Per global layer and head two branches run (the tensor functions live with the model
+layer, :mod:`spark3r.models.layers.sparse_attention`):
 
 * **compression**: q, k, v mean-pooled over every block, then dense softmax attention over the
   pooled tokens (``blocks^2`` pairs instead of ``tokens^2``). The same pooled logits pick, per
@@ -12,17 +13,10 @@ one frame. Per global layer and head two branches run:
 
 Two modes share these pieces:
 
-**Learned (the official Speed3R-π3, ``pi3-speed3r``).** The layer has gates (``Linear(C ->
-2*heads)`` + sigmoid on its input). Exactly the official computation: the *pre-norm* projections
-are pooled (bias included), the layer's qk-norm is applied to the pooled q/k, RoPE at the
-pooled position ``mean(positions).int()`` (truncated: (4i+1, 4j+1) for the window at (4i, 4j)),
-pooled attention with scale ``head_dim**-0.5``, top-k on the raw (unscaled) pooled logits; the
-selection branch on the normed, RoPE'd tokens; ``out = g_c * O_comp[block] + g_s * O_sel`` with
-channel 2h = g_c, 2h+1 = g_s of head h (two separate softmaxes). Tokens must be window-major
-(:class:`TokenLayout` ``window``), with no special tokens. With fewer than ``top_k`` blocks the
-official kernel fills the missing slots with the last block (index ``blocks - 1``), so that block
-is attended ``top_k - blocks + 1`` times — reproduced here, because the checkpoint was trained
-with it.
+**Learned (the official Speed3R-π3, ``pi3-speed3r``).** Where the layer has gates, the op runs
+the official layer, :func:`spark3r.models.layers.sparse_attention.gated_sparse_attention` (the
+model's own attention, documented there), with this op's ``block_size`` and ``top_k``; tokens
+must then be window-major (:class:`TokenLayout` ``window``), with no special tokens.
 
 **Training-free (every backbone; layers without gates).** No gates to learn how to mix two
 softmaxes, so the branches are combined into *one* softmax whose key set is partitioned:
@@ -52,16 +46,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from spark3r.models.layers.layout import TokenLayout
+from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, block_sparse_attention, gated_combine,
+                                                    gated_sparse_attention, gather_blocks, pool_blocks,
+                                                    pooled_attention, pooled_positions, topk_key_blocks,
+                                                    window_major_permutation, chunk_ranges)
 
 from .common import Workspace, check_qkv, exact_attention, layout_key
-from .layout import TokenLayout
-
-# Floats per chunk intermediate (pooled logits, gathered keys, selection logits): 64 MiB in fp32.
-CHUNK_ELEMENTS = 1 << 24
+from .op import AttentionCost, attention_matmul_flops, dense_cost
 
 
 @dataclass(frozen=True)
@@ -96,172 +92,6 @@ class Speed3RConfig:
     @property
     def block_tokens(self) -> int:
         return self.block_size[0] * self.block_size[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Token order and pooling (learned model)
-
-
-def window_major_permutation(rows: int, cols: int, window: tuple[int, int], device=None) -> torch.Tensor:
-    """``[rows*cols]`` int64: entry i is the row-major patch index of the i-th token in
-    window-major order (windows row-major, patches row-major inside a window), so
-    ``x[:, perm]`` reorders and ``x[:, perm.argsort()]`` restores."""
-    wr, wc = window
-    if rows % wr or cols % wc:
-        raise ValueError(f"a {rows}x{cols} patch grid is not a multiple of the {wr}x{wc} window")
-    grid = torch.arange(rows * cols, device=device).view(rows // wr, wr, cols // wc, wc)
-    return grid.permute(0, 2, 1, 3).reshape(-1)
-
-
-def pool_blocks(x: torch.Tensor, block_tokens: int) -> torch.Tensor:
-    """Mean over consecutive groups of ``block_tokens`` tokens: ``[..., N, d] -> [..., N/bt, d]``."""
-    n = x.shape[-2]
-    if n % block_tokens:
-        raise ValueError(f"{n} tokens do not split into blocks of {block_tokens}")
-    return x.unflatten(-2, (n // block_tokens, block_tokens)).mean(-2)
-
-
-def pooled_positions(pos: torch.Tensor, block_tokens: int) -> torch.Tensor:
-    """Integer positions of pooled blocks: the mean (row, col) of each block's tokens, truncated
-    toward zero as the official code does (``.float().mean().int()``): ``[..., N, 2] -> [..., N/bt, 2]``."""
-    n = pos.shape[-2]
-    if n % block_tokens:
-        raise ValueError(f"{n} positions do not split into blocks of {block_tokens}")
-    return pos.unflatten(-2, (n // block_tokens, block_tokens)).float().mean(-2).to(torch.int64)
-
-
-# ---------------------------------------------------------------------------------------------
-# Block selection and the two branches
-
-
-def topk_key_blocks(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row of ``logits [..., n]`` the ``k`` largest entries' indices, largest first, ties to
-    the lower index. With ``n < k`` the official kernel's padding: all n indices, then ``n - 1``
-    repeated ``k - n`` times. Returns int64 ``[..., k]``."""
-    n = logits.shape[-1]
-    if n <= k:
-        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
-        if n == k:
-            return order
-        pad = order.new_full(order.shape[:-1] + (k - n,), n - 1)
-        return torch.cat((order, pad), dim=-1)
-    values, index = torch.topk(logits, k + 1, dim=-1)
-    index = index[..., :k]
-    # torch.topk breaks ties arbitrarily. Across the k-th / (k+1)-th place a tie decides the set;
-    # inside the set only the order, which is then made (logit desc, index asc) like the kernel's.
-    boundary_tie = values[..., k - 1] == values[..., k]
-    if bool(boundary_tie.any()):
-        index = index.clone()
-        index[boundary_tie] = torch.sort(logits[boundary_tie], dim=-1, descending=True, stable=True).indices[..., :k]
-    index = index.sort(dim=-1).values
-    order = torch.sort(logits.gather(-1, index), dim=-1, descending=True, stable=True).indices
-    return index.gather(-1, order)
-
-
-def _chunks(count: int, per_item: int, budget: int) -> Iterator[tuple[int, int]]:
-    step = max(1, budget // max(1, per_item))
-    for start in range(0, count, step):
-        yield start, min(count, start + step)
-
-
-def pooled_attention(q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, top_k: int, scale: float,
-                     chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compression branch: ``softmax(q_c k_c^T * scale) v_c`` over all pooled tokens and, from
-    the same raw logits ``q_c k_c^T``, the top-k key blocks (:func:`topk_key_blocks`).
-
-    ``q_c, k_c, v_c [B, H, n, d]`` -> ``(out [B, H, n, d], index [B, H, n, top_k] int64)``;
-    logits and softmax in fp32."""
-    b, h, n, d = q_c.shape
-    out = torch.empty_like(v_c)
-    index = torch.empty(b, h, n, top_k, dtype=torch.int64, device=q_c.device)
-    kt = k_c.float().transpose(-1, -2)
-    vf = v_c.float()
-    for s, e in _chunks(n, b * h * n, chunk_elements):
-        logits = torch.matmul(q_c[:, :, s:e].float(), kt)
-        index[:, :, s:e] = topk_key_blocks(logits, top_k)
-        out[:, :, s:e] = torch.matmul(torch.softmax(logits * scale, dim=-1), vf).to(out.dtype)
-    return out, index
-
-
-def _block_rows(blocks: torch.Tensor, index: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gather whole blocks: ``blocks [B, H, n, bt, d]``, ``index [B, H, c, k]`` -> ``[B, H, c, k*bt, d]``
-    (one ``index_select`` over the blocks of all heads; into ``out`` when given — a buffer reused
-    across chunks costs no page faults, which on CPU are as slow as the copy itself)."""
-    b, h, n, bt, d = blocks.shape
-    c, k = index.shape[2], index.shape[3]
-    head = torch.arange(b * h, device=index.device).view(b, h, 1, 1) * n
-    flat = (index + head).reshape(-1)
-    rows = blocks.reshape(b * h * n, bt * d)
-    if out is None:
-        return rows.index_select(0, flat).view(b, h, c, k * bt, d)
-    torch.index_select(rows, 0, flat, out=out.view(-1, bt * d))
-    return out.view(b, h, c, k * bt, d)
-
-
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, block_tokens: int,
-                           scale: float, chunk_elements: int = CHUNK_ELEMENTS,
-                           workspace: Optional[Workspace] = None) -> torch.Tensor:
-    """The selection branch on consecutive blocks: the queries of block m attend, in one softmax,
-    to all tokens of the key blocks ``index[..., m, :]`` (a repeated block counts repeatedly).
-
-    ``q, k, v [B, H, N, d]`` with N a multiple of ``block_tokens``, ``index [B, H, N/bt, k]``
-    -> ``[B, H, N, d]``."""
-    b, h, n_tok, d = q.shape
-    bt = block_tokens
-    n = n_tok // bt
-    top = index.shape[-1]
-    kb = k.reshape(b, h, n, bt, d)
-    vb = v.reshape(b, h, n, bt, d)
-    qb = q.reshape(b * h, n, bt, d)
-    out = torch.empty(b * h, n, bt, d, dtype=q.dtype, device=q.device)
-    per_block = b * h * top * bt * max(d, bt)
-    for s, e in _chunks(n, per_block, chunk_elements):
-        idx = index[:, :, s:e]
-        shape = (b, h, e - s, top * bt, d)
-        if workspace is not None:
-            ks = _block_rows(kb, idx, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
-            vs = _block_rows(vb, idx, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
-        else:
-            ks, vs = _block_rows(kb, idx), _block_rows(vb, idx)
-        ks, vs = ks.view(b * h, e - s, top * bt, d), vs.view(b * h, e - s, top * bt, d)
-        out[:, s:e] = F.scaled_dot_product_attention(qb[:, s:e], ks, vs, scale=scale)
-    return out.view(b, h, n_tok, d)
-
-
-def gated_combine(out_pooled: torch.Tensor, out_selected: torch.Tensor, gates: torch.Tensor, block_tokens: int) -> torch.Tensor:
-    """``g_c * out_pooled[block of the token] + g_s * out_selected`` per head.
-
-    ``out_pooled [B, H, n, d]``, ``out_selected [B, H, N, d]``, ``gates [B, N, 2H]`` (channel 2h
-    gates head h's pooled branch, 2h+1 its selection branch) -> ``[B, H, N, d]``."""
-    b, h, n, d = out_pooled.shape
-    g = gates.unflatten(-1, (h, 2)).permute(0, 2, 1, 3).to(out_selected.dtype)  # [B, H, N, 2]
-    g = g.unflatten(2, (n, block_tokens))  # [B, H, n, bt, 2]
-    mixed = g[..., 0:1] * out_pooled[:, :, :, None, :] + g[..., 1:2] * out_selected.unflatten(2, (n, block_tokens))
-    return mixed.flatten(2, 3)
-
-
-def speed3r_gated_attention(inputs, config: Speed3RConfig, chunk_elements: int = CHUNK_ELEMENTS,
-                            workspace: Optional[Workspace] = None) -> torch.Tensor:
-    """The official Speed3R layer (see the module docstring) from the layer's
-    :class:`~spark3r.models.layers.attention.AttentionLayerInputs`; ``[B, H, N, d]`` before the
-    output projection."""
-    layout: TokenLayout = inputs.layout
-    bt = config.block_tokens
-    if layout.window != config.block_size or layout.special_tokens:
-        raise ValueError(
-            f"a layer with learned Speed3R gates needs window-major tokens in {config.block_size} windows and no "
-            f"special tokens; the layer reports window={layout.window}, special_tokens={layout.special_tokens}")
-    if inputs.pos is None:
-        raise ValueError("Speed3R needs the token positions (pos) for the pooled RoPE")
-    q_raw, k_raw, v = inputs.projections()
-    q_c, k_c = inputs.normalize(pool_blocks(q_raw, bt), pool_blocks(k_raw, bt))
-    pos_c = pooled_positions(inputs.pos, bt)
-    q_c, k_c = inputs.rotate(q_c, pos_c).to(v.dtype), inputs.rotate(k_c, pos_c).to(v.dtype)
-    out_pooled, index = pooled_attention(q_c, k_c, pool_blocks(v, bt), config.top_k, inputs.scale, chunk_elements)
-    q, k = inputs.normalize(q_raw, k_raw)
-    q, k = inputs.rotate(q, inputs.pos).to(v.dtype), inputs.rotate(k, inputs.pos).to(v.dtype)
-    out_selected = block_sparse_attention(q, k, v.contiguous(), index, bt, inputs.scale, chunk_elements, workspace)
-    return gated_combine(out_pooled, out_selected, inputs.gates(), bt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +217,7 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         always = (o_always.view(b, h, nb, bt, d), lse_always.view(b, h, nb, bt))
     k_pool_t = k_pool.transpose(-1, -2)
     per_block = b * h * (2 * nk + 2 * top * bt * d + bt * d)
-    for s, e in _chunks(nb, per_block, chunk_elements):
+    for s, e in chunk_ranges(nb, per_block, chunk_elements):
         c = e - s
         parts = []
         if always is not None:
@@ -401,10 +231,10 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                 bias = key_bias.index_select(0, rows.reshape(-1)).view(b * h, c, 1, top * bt)
             if workspace is not None:
                 shape = (b, h, c, top * bt, d)
-                ks = _block_rows(kb, rows, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
-                vs = _block_rows(vb, rows, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
+                ks = gather_blocks(kb, rows, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
+                vs = gather_blocks(vb, rows, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
             else:
-                ks, vs = _block_rows(kb, rows), _block_rows(vb, rows)
+                ks, vs = gather_blocks(kb, rows), gather_blocks(vb, rows)
             o_sel, lse_sel = attend_with_lse(qb[:, :, s:e].reshape(b * h, c, bt, d), ks.view(b * h, c, top * bt, d),
                                              vs.view(b * h, c, top * bt, d), scale, bias)
             parts.append((o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt)))
@@ -444,7 +274,8 @@ class Speed3ROp:
     def attend_layer(self, inputs) -> torch.Tensor:
         if inputs.has_gates:
             grad = torch.is_grad_enabled()  # out= gathers are not differentiable
-            return speed3r_gated_attention(inputs, self.config, self.chunk_elements, None if grad else self.workspace)
+            return gated_sparse_attention(inputs, self.config.block_size, self.config.top_k, self.chunk_elements,
+                                          None if grad else self.workspace.buffer)
         q, k, v = inputs.qkv()
         return self(q, k, v, inputs.layout)
 
@@ -454,34 +285,32 @@ class Speed3ROp:
         return training_free_attention(q, k, v, layout, self.config, scale, self.chunk_elements,
                                        None if grad else self.workspace)
 
-    def reduced_sizes(self, layout: TokenLayout) -> tuple[int, int]:
-        """(queries, keys per query) of the block queries' exact attention: every block query
-        sees the always-selected tokens and ``top_k`` blocks (padding slots of edge windows
-        included, they are computed). The protected queries' dense rows, the pooled branch and
-        the gates are in :meth:`overhead_flops`."""
-        if layout.window is not None:
-            return layout.num_tokens, min(self.config.top_k * self.config.block_tokens, layout.num_tokens)
+    def attention_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> AttentionCost:
+        """What the op computes on a layer of ``layout``.
+
+        Attention matmuls: every block query against the always-selected tokens and ``top_k``
+        blocks (padding slots of edge windows included — they are computed), the protected
+        queries against all tokens. Overhead: pooling q/k/v (3 N d), the pooled logits and the
+        pooled attention or fold (4 n_q n_k d), and the merge of the partial results (6 N d) or,
+        in a learned layer, the branch mix (3 N d) plus the gate Linear (2 N C 2H)."""
+        n_tok, d, bh = layout.num_tokens, head_dim, batch * heads
+        if layout.window is not None:  # the learned layer (pi3-speed3r)
+            nb = n_tok // self.config.block_tokens
+            keys = self.config.top_k * self.config.block_tokens
+            overhead = bh * (3 * n_tok * d + 4 * nb * nb * d + 3 * n_tok * d) + batch * 2 * n_tok * heads * d * 2 * heads
+            return AttentionCost(attention_matmul_flops(n_tok, keys, heads, d, batch), overhead, n_tok, keys)
         table = block_table(layout, self.config.block_size, "cpu", self.config.anchor_every)
         nb, bt = table.tokens.shape
         if nb == 0:
-            return layout.num_tokens, layout.num_tokens
-        return int(table.valid.sum()), table.always.numel() + min(self.config.top_k, table.key_blocks.numel()) * bt
-
-    def overhead_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> int:
-        """Per layer: pooling (3 N d), the pooled logits and pooled attention / fold (4 n^2 d),
-        merging the partial results (6 N d) or mixing the branches (3 N d) plus the gate Linear
-        (2 N C 2H), and the protected queries' dense rows (4 P N d)."""
-        n_tok, d = layout.num_tokens, head_dim
-        if layout.window is not None:
-            nb = n_tok // self.config.block_tokens
-            per_head = 3 * n_tok * d + 4 * nb * nb * d + 3 * n_tok * d
-            return batch * (heads * per_head + 2 * n_tok * heads * d * 2 * heads)
-        table = block_table(layout, self.config.block_size, "cpu", self.config.anchor_every)
-        nb, nk = table.tokens.shape[0], table.key_blocks.numel()
-        if nb == 0:
-            return 0
-        per_head = 3 * n_tok * d + 4 * nb * nk * d + 6 * n_tok * d + 4 * table.dense.numel() * n_tok * d
-        return batch * heads * per_head
+            return dense_cost(layout, heads, head_dim, batch)
+        nk = table.key_blocks.numel()
+        block_queries = nb * bt
+        block_keys = table.always.numel() + min(self.config.top_k, nk) * bt
+        protected = table.dense.numel()
+        pairs = block_queries * block_keys + protected * n_tok
+        overhead = bh * (3 * n_tok * d + 4 * nb * nk * d + 6 * n_tok * d)
+        queries = block_queries + protected
+        return AttentionCost(attention_matmul_flops(1, pairs, heads, d, batch), overhead, queries, pairs / queries)
 
 
 def make_op(config: Speed3RConfig, num_layers: int, backbone: Optional[str]) -> Speed3ROp:
@@ -490,6 +319,6 @@ def make_op(config: Speed3RConfig, num_layers: int, backbone: Optional[str]) -> 
 
 __all__ = [
     "Speed3RConfig", "Speed3ROp", "window_major_permutation", "pool_blocks", "pooled_positions", "topk_key_blocks",
-    "pooled_attention", "block_sparse_attention", "gated_combine", "speed3r_gated_attention",
+    "pooled_attention", "block_sparse_attention", "gated_combine", "gated_sparse_attention",
     "training_free_attention", "merge_partial_attention", "block_table", "CHUNK_ELEMENTS",
 ]

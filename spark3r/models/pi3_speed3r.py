@@ -12,25 +12,26 @@
   so image sides must be multiples of ``patch_size * window`` (56 px);
 * an extra output ``mid_hidden``: the decoder state after layer pair ``L/2 - 1``.
 
-The sparse attention is the model's own: ``build_model`` installs the ``speed3r`` op (official
-window and top-k) on every global layer. ``spark3r.accel.apply(model, "speed3r", top_k=...)``
-changes top-k; ``spark3r.accel.remove(model)`` runs the same weights with dense global attention
-(gates unused; the form of Speed3R's distillation teacher). Other reduction methods are refused:
-they assume row-major patch order.
+The sparse attention is the model's own: the constructor installs
+:class:`~.layers.sparse_attention.LearnedSparseAttention` (official window and top-k) in every
+global layer's hook. ``spark3r.accel.apply(model, "speed3r", top_k=...)`` replaces it (and prices
+it); ``spark3r.accel.remove(model)`` runs the same weights with dense global attention (gates
+unused; the form of Speed3R's distillation teacher, and the bench's dense reference). Other
+reduction methods are refused: they assume row-major patch order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from spark3r.accel.layout import TokenLayout
-from spark3r.accel.speed3r import Speed3RConfig, Speed3ROp, window_major_permutation
-
+from .base import ForwardInputs
 from .layers.attention import Attention
+from .layers.layout import TokenLayout
 from .layers.rope import grid_positions
+from .layers.sparse_attention import LearnedSparseAttention, window_major_permutation
 from .pi3 import HEAD_NAMES, Pi3, Pi3Config
 
 MID_HIDDEN = "mid_hidden"
@@ -60,20 +61,18 @@ class Pi3Speed3RConfig(Pi3Config):
 
 
 class Pi3Speed3R(Pi3):
-    """Speed3R-π3 backbone + heads. See :meth:`forward`."""
+    """Speed3R-π3 backbone + heads. See :meth:`forward_prepared`."""
+
+    HEAD_NAMES = HEAD_NAMES + (MID_HIDDEN,)
 
     # Ops that assume row-major patch order would silently mix the wrong tokens here.
     supported_accel_methods = ("dense", "speed3r")
 
     def __init__(self, config: Pi3Speed3RConfig = Pi3Speed3RConfig(), preset: Optional[str] = None) -> None:
         super().__init__(config, preset=preset)
-        # The learned sparse attention is part of the model (accel.remove() makes it dense).
-        from spark3r.accel.apply import AccelHandle
-
-        op = Speed3ROp(Speed3RConfig(block_size=(config.window, config.window), top_k=config.top_k))
+        native = LearnedSparseAttention((config.window, config.window), config.top_k)
         for module in self.global_attention_modules():
-            module.global_op = op
-        self.accel_handle = AccelHandle("speed3r", op, tuple(range(config.num_global_layers)))
+            module.global_op = native
 
     def _build_decoder(self) -> None:
         half = self.config.depth // 2
@@ -111,44 +110,30 @@ class Pi3Speed3R(Pi3):
         wanted = (pairs - 1, pairs // 2 - 1) if with_mid else (pairs - 1,)
         return [torch.cat(kept[i], dim=-1)[:, :, restore] for i in wanted]
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        patch_tokens: Optional[torch.Tensor] = None,
-        heads: Optional[Iterable[str]] = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run the model.
+    def prologue(self, images: torch.Tensor, patch_tokens: Optional[torch.Tensor], heads) -> ForwardInputs:
+        multiple = self.config.image_multiple
+        if isinstance(images, torch.Tensor) and images.dim() >= 2:
+            h, w = images.shape[-2:]
+            if h % multiple or w % multiple:
+                raise ValueError(f"Speed3R-π3 needs image sides that are multiples of {multiple} px ({self.config.window}x"
+                                 f"{self.config.window} windows of {self.config.patch_size}-px patches), got {h}x{w}")
+        return super().prologue(images, patch_tokens, heads)
 
-        Args:
-            images: ``[N, 3, H, W]`` or ``[B, N, 3, H, W]``, RGB in [0, 1], H and W multiples of
-                ``patch_size * window`` (56).
-            patch_tokens: optional ``[B, N, Np, C]`` from :meth:`encode_patches` (skips DINO).
-            heads: subset of ``("camera", "point", "conf", "mid_hidden")`` (default all; "depth"
-                runs the point head as in π3).
+    def forward_prepared(self, inputs: ForwardInputs) -> dict[str, torch.Tensor]:
+        """Decoder and the requested heads (``forward(images, patch_tokens=..., heads=...)``;
+        images ``[N, 3, H, W]`` / ``[B, N, 3, H, W]`` with H and W multiples of
+        ``patch_size * window`` = 56; heads from ``("camera", "point", "conf", "mid_hidden")``,
+        default all; "depth" = point + conf as in π3).
 
         Returns (official names, float32 except ``mid_hidden``): ``points`` [B,N,H,W,3],
         ``local_points`` [B,N,H,W,3], ``conf`` [B,N,H,W,1] (raw logits), ``camera_poses``
         [B,N,4,4] (camera-to-world, OpenCV, arbitrary world frame) as in π3, and ``mid_hidden``
-        [B,N,Np,2C] (decoder state after layer pair L/2-1, row-major patches; model dtype).
+        [B,N,Np,2C] (decoder state after layer pair L/2-1, row-major patches; model dtype); only
+        those requested.
         """
-        images, patch_tokens, grid = self._prepare(images, patch_tokens)
-        multiple = self.config.image_multiple
-        h, w = images.shape[-2:]
-        if h % multiple or w % multiple:
-            raise ValueError(f"Speed3R-π3 needs image sides that are multiples of {multiple} px "
-                             f"({self.config.window}x{self.config.window} windows of {self.config.patch_size}-px patches), got {h}x{w}")
-        wanted = self._requested_heads(heads)
-        decoded = self.aggregate(patch_tokens, grid, with_mid=MID_HIDDEN in wanted)
-        out = self._run_heads(decoded[0], grid, images.shape, wanted - {MID_HIDDEN})
+        wanted = inputs.heads
+        decoded = self.aggregate(inputs.patch_tokens, inputs.grid, with_mid=MID_HIDDEN in wanted)
+        out = self._run_heads(decoded[0], inputs.grid, inputs.images.shape, wanted - {MID_HIDDEN})
         if MID_HIDDEN in wanted:
             out[MID_HIDDEN] = decoded[1]
         return out
-
-    def _requested_heads(self, heads: Optional[Iterable[str]]) -> set[str]:
-        if heads is None:
-            return set(HEAD_NAMES) | {MID_HIDDEN}
-        heads = (heads,) if isinstance(heads, str) else tuple(heads)
-        mid = {MID_HIDDEN} & set(heads)
-        rest = [x for x in heads if x != MID_HIDDEN]
-        return (super()._requested_heads(rest) if rest else set()) | mid
