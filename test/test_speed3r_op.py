@@ -309,3 +309,19 @@ def test_pi3_speed3r_runs_in_bfloat16():
     assert half["mid_hidden"].dtype == torch.bfloat16 and set(half) == {"camera_poses", "mid_hidden"}
     mid = ref["mid_hidden"]
     assert float((half["mid_hidden"].float() - mid).abs().mean() / mid.abs().mean()) < 0.05
+
+
+def test_mapper_takes_speed3r_parameters_and_the_pi3_speed3r_backbone():
+    from spark3r.mapping import BackboneConfig
+    from spark3r.mapping.model_backbone import ModelBackbone, network_geometry
+
+    cfg = BackboneConfig.from_flat({"backbone": "pi3-tiny", "checkpoint": "seeded", "reduction": "speed3r",
+                                    "reduction.top_k": 4, "reduction.block_size": [2, 2], "image_width": 126})
+    bb = ModelBackbone.from_config(cfg, 4, 2)
+    assert bb.model.accel_handle.op.config == Speed3RConfig(block_size=(2, 2), top_k=4)
+    with pytest.raises(ValueError, match="reduction.top_k"):
+        BackboneConfig.from_flat({"backbone": "pi3-tiny", "reduction": "speed3r", "reduction.top_k": 0})
+    # pi3-speed3r: network sides are multiples of 56; the width is rounded down to one.
+    bb = ModelBackbone.from_config(BackboneConfig(backbone="pi3-speed3r-tiny", checkpoint="seeded", image_width=126), 4, 2)
+    assert (bb.multiple, bb.image_width) == (56, 112)
+    assert network_geometry((96, 128), bb.image_width, bb.multiple).network_hw == (112, 112)

@@ -44,7 +44,7 @@ the pooled branch and all softmax statistics are computed in fp32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
@@ -73,9 +73,14 @@ class Speed3RConfig:
         all their tokens exactly), >= 0; 0 = none (the paper's VGGT variant uses 100).
     """
 
-    block_size: tuple[int, int] = (4, 4)
-    top_k: int = 32
-    anchor_every: int = 0
+    block_size: tuple[int, int] = field(default=(4, 4), metadata={
+        "doc": "speed3r: patch window (rows, cols) forming one block, each >= 1 (the learned pi3-speed3r runs only with 4x4)"})
+    top_k: int = field(default=32, metadata={
+        "doc": "speed3r: key blocks attended exactly per query block (>= the number of blocks: dense in the training-free mode)",
+        "range": (1, 1_000_000)})
+    anchor_every: int = field(default=0, metadata={
+        "doc": "speed3r training-free: frames 0, n, 2n, ... are always selected as exact keys (0 = none; the paper uses 100 "
+               "for VGGT)", "range": (0, 1_000_000)})
 
     def __post_init__(self) -> None:
         block = tuple(int(x) for x in self.block_size) if not isinstance(self.block_size, int) else (int(self.block_size),) * 2

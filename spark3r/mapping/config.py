@@ -278,13 +278,14 @@ class BackboneConfig:
     # The method name is checked against spark3r.accel's registry when the backbone is built
     # (importing it here would pull torch into the configuration layer).
     reduction: str = param("dense", "global-attention token reduction method registered in spark3r.accel (dense, "
-                                    "uniform, spark3r, ...); its parameters are reduction.<name>", non_empty=True)
+                                    "uniform, spark3r, speed3r, ...); its parameters are reduction.<name>", non_empty=True)
     reduction_schedule: str = param("", "Spark3R key/value schedule JSON file for reduction 'spark3r' ('' = the "
                                         "backbone's default schedule)")
     reduction_params: dict = field(default_factory=dict, metadata={
         "doc": "keyword parameters of the reduction method (flat: reduction.<name>); reduction_schedule is added as "
                "'schedule'"})
-    image_width: int = param(518, "network input width in pixels (multiple of 14); height follows the aspect ratio",
+    image_width: int = param(518, "network input width in pixels (multiple of 14; rounded down to 56 for "
+                                  "pi3-speed3r); height follows the aspect ratio",
                              range=(28, 4088), step=14)
     cache_max_frames: int = param(0, "patch-embedding cache capacity in keyframes (0 = window_size + window_stride)",
                                   range=(0, 100000))

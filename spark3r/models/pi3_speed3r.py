@@ -110,6 +110,10 @@ class Pi3Speed3R(Pi3):
         wanted = (pairs - 1, pairs // 2 - 1) if with_mid else (pairs - 1,)
         return [torch.cat(kept[i], dim=-1)[:, :, restore] for i in wanted]
 
+    @property
+    def image_multiple(self) -> int:
+        return self.config.image_multiple
+
     def prologue(self, images: torch.Tensor, patch_tokens: Optional[torch.Tensor], heads) -> ForwardInputs:
         multiple = self.config.image_multiple
         if isinstance(images, torch.Tensor) and images.dim() >= 2:
