@@ -268,8 +268,8 @@ class OutputConfig:
 
 @dataclass
 class BackboneConfig:
-    backbone: str = param("vggt-1b", "model preset: vggt-1b, pi3, da3-small, da3-base, da3-large, da3-giant (vggt-tiny, "
-                                     "pi3-tiny for tests)", non_empty=True)
+    backbone: str = param("vggt-1b", "model preset: vggt-1b, pi3, pi3-speed3r, da3-small, da3-base, da3-large, "
+                                     "da3-giant (vggt-tiny, pi3-tiny, pi3-speed3r-tiny for tests)", non_empty=True)
     checkpoint: str = param("", "weights: a file / directory / hub id, or 'seeded' for deterministic test weights; empty = "
                                 "none (refused)")
     device: str = param("cpu", "torch device, e.g. cpu or cuda:0", non_empty=True)
