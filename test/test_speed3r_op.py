@@ -325,3 +325,26 @@ def test_mapper_takes_speed3r_parameters_and_the_pi3_speed3r_backbone():
     bb = ModelBackbone.from_config(BackboneConfig(backbone="pi3-speed3r-tiny", checkpoint="seeded", image_width=126), 4, 2)
     assert (bb.multiple, bb.image_width) == (56, 112)
     assert network_geometry((96, 128), bb.image_width, bb.multiple).network_hw == (112, 112)
+
+
+def test_flop_model_of_speed3r_at_1024_frames():
+    """The official design at 1024 frames of 504x336: ~200x fewer global-attention FLOPs (pairs
+    ~ M^2/256 + 512 M instead of M^2; the head count cancels, so the tiny preset shows it)."""
+    from spark3r.bench.runner import BenchConfig, run_bench
+
+    res = run_bench(BenchConfig("pi3-speed3r-tiny", 1024, (336, 504), methods=("dense", "speed3r"), flops_only=True))
+    flops = res["methods"]["speed3r"]["flops"]
+    assert 150 < flops["global_attention_speedup"] < 300
+    with pytest.raises(ValueError, match="supports only"):
+        BenchConfig("pi3-speed3r-tiny", 2, (112, 112), methods=("dense", "uniform"))
+
+
+@pytest.mark.slow
+def test_flop_model_of_the_full_pi3_speed3r_preset():
+    """``spark3r bench --preset flops-1024-speed3r``: the whole model lands above the paper's
+    12.4x wall-time speedup (wall time also pays for memory-bound work) and below Amdahl's bound."""
+    from spark3r.bench.runner import config_from_preset, run_bench
+
+    flops = run_bench(config_from_preset("flops-1024-speed3r"))["methods"]["speed3r"]["flops"]
+    assert 150 < flops["global_attention_speedup"] < 300
+    assert 12.4 < flops["speedup"] < flops["amdahl_bound"]

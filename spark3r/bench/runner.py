@@ -38,7 +38,7 @@ class BenchPreset:
     frames: int
     size: tuple[int, int]  # (height, width)
     scope: str = "model"
-    methods: tuple[str, ...] = ("dense", "uniform", "spark3r")
+    methods: tuple[str, ...] = ("dense", "uniform", "spark3r", "speed3r")
     repeats: int = 2
     flops_only: bool = False
     note: str = ""
@@ -56,6 +56,9 @@ PRESETS: dict[str, BenchPreset] = {
     # The paper's headline size, FLOPs only.
     "flops-1000": BenchPreset("vggt-1b", 1000, (392, 518), "model", flops_only=True,
                               note="VGGT-1B, 1000 frames of 518x392, analytic FLOPs only"),
+    # Speed3R's headline size: the learned Speed3R-π3 vs its dense form, FLOPs only.
+    "flops-1024-speed3r": BenchPreset("pi3-speed3r", 1024, (336, 504), "model", methods=("dense", "speed3r"),
+                                      flops_only=True, note="pi3-speed3r, 1024 frames of 504x336, analytic FLOPs only"),
 }
 
 SCOPES = ("attention", "aggregator", "model")
@@ -210,7 +213,7 @@ class BenchConfig:
     frames: int
     size: tuple[int, int]
     scope: str = "model"
-    methods: tuple[str, ...] = ("dense", "uniform", "spark3r")
+    methods: tuple[str, ...] = ("dense", "uniform", "spark3r", "speed3r")
     method_params: dict = field(default_factory=dict)  # method -> {param: value}
     repeats: int = 2
     flops_only: bool = False
@@ -238,6 +241,12 @@ class BenchConfig:
         unknown = set(self.method_params) - set(self.methods)
         if unknown:
             raise ValueError(f"parameters given for methods not being run: {sorted(unknown)}")
+        from spark3r.models.registry import preset_class
+
+        supported = getattr(preset_class(self.model), "supported_accel_methods", None)
+        if supported is not None and set(self.methods) - set(supported):
+            raise ValueError(f"{self.model} supports only the methods {list(supported)} (--methods), "
+                             f"not {sorted(set(self.methods) - set(supported))}")
 
 
 def config_from_preset(name: str, **overrides) -> BenchConfig:
