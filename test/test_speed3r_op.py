@@ -241,15 +241,30 @@ def backbone(request):
     return load_pretrained(request.param, "seeded")
 
 
+class UnshortcutSpeed3R:
+    """Test double: the training-free tensor function itself (the op would shortcut to SDPA when
+    top-k covers every block), so the log-sum-exp merge runs inside a real model."""
+
+    def __init__(self, top_k):
+        self.config = Speed3RConfig(top_k=top_k)
+
+    def __call__(self, q, k, v, layout, scale=None):
+        return training_free_attention(q, k, v, layout, self.config, scale)
+
+
 def test_speed3r_with_all_blocks_is_dense_on_every_backbone(backbone):
     images = torch.rand(3, 3, 56, 70, generator=torch.Generator().manual_seed(0))  # 4x5 patches: edge windows
+    modules = backbone.global_attention_modules()
     try:
         with torch.inference_mode():
             accel.remove(backbone)
             reference = backbone(images)
             handle = accel.apply(backbone, "speed3r", top_k=1000)
-            assert handle.reduced_layers == tuple(range(len(backbone.global_attention_modules())))
-            full = backbone(images)
+            assert handle.reduced_layers == tuple(range(len(modules)))
+            shortcut = backbone(images)
+            for m in modules:
+                m.global_op = UnshortcutSpeed3R(top_k=1000)
+            merged = backbone(images)
             accel.apply(backbone, "speed3r", top_k=1)
             sparse = backbone(images)
     finally:
@@ -258,8 +273,9 @@ def test_speed3r_with_all_blocks_is_dense_on_every_backbone(backbone):
     for key, ref in reference.items():
         if not (torch.is_tensor(ref) and ref.is_floating_point()) or key == "images":
             continue
+        assert torch.equal(shortcut[key], ref), key
         scale = ref.abs().max().clamp_min(1e-12)
-        assert float((full[key] - ref).abs().max() / scale) < 2e-5, key
+        assert float((merged[key] - ref).abs().max() / scale) < 2e-5, key
         moved |= float((sparse[key] - ref).abs().max() / scale) > 1e-4
     assert moved, "top_k=1 should approximate, not reproduce, dense attention"
 

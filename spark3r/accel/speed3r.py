@@ -286,9 +286,16 @@ class Speed3ROp:
 
     def __call__(self, q, k, v, layout: TokenLayout, scale: Optional[float] = None) -> torch.Tensor:
         check_qkv(q, k, v, layout)
+        if self._selects_everything(layout):
+            # Every key would be exact: the same result, bit for bit dense, without the pooled branch.
+            return exact_attention(q, k, v, scale)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return training_free_attention(q, k, v, layout, self.config, scale, self.chunk_elements,
                                        None if grad else self.workspace)
+
+    def _selects_everything(self, layout: TokenLayout) -> bool:
+        table = block_table(layout, self.config.block_size, "cpu", self.config.anchor_every)
+        return self.config.top_k >= table.key_blocks.numel()
 
     def attention_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> AttentionCost:
         """What the op computes on a layer of ``layout``.
@@ -306,7 +313,7 @@ class Speed3ROp:
             return AttentionCost(attention_matmul_flops(n_tok, keys, heads, d, batch), overhead, n_tok, keys)
         table = block_table(layout, self.config.block_size, "cpu", self.config.anchor_every)
         nb, bt = table.tokens.shape
-        if nb == 0:
+        if self._selects_everything(layout):
             return dense_cost(layout, heads, head_dim, batch)
         nk = table.key_blocks.numel()
         block_queries = nb * bt
