@@ -51,10 +51,8 @@ from typing import Optional
 import torch
 
 from spark3r.models.layers.layout import TokenLayout
-from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, block_sparse_attention, gated_combine,
-                                                    gated_sparse_attention, gather_blocks, pool_blocks,
-                                                    pooled_attention, pooled_positions, topk_key_blocks,
-                                                    window_major_permutation, chunk_ranges)
+from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, chunk_ranges, gated_sparse_attention,
+                                                    gather_blocks, topk_key_blocks)
 
 from .common import Workspace, check_qkv, exact_attention, layout_key
 from .op import AttentionCost, attention_matmul_flops, dense_cost
@@ -325,12 +323,5 @@ class Speed3ROp:
         return AttentionCost(attention_matmul_flops(1, pairs, heads, d, batch), overhead, queries, pairs / queries)
 
 
-def make_op(config: Speed3RConfig, num_layers: int, backbone: Optional[str]) -> Speed3ROp:
-    return Speed3ROp(config)
-
-
-__all__ = [
-    "Speed3RConfig", "Speed3ROp", "window_major_permutation", "pool_blocks", "pooled_positions", "topk_key_blocks",
-    "pooled_attention", "block_sparse_attention", "gated_combine", "gated_sparse_attention",
-    "training_free_attention", "merge_partial_attention", "block_table", "CHUNK_ELEMENTS",
-]
+__all__ = ["Speed3RConfig", "Speed3ROp", "training_free_attention", "attend_with_lse", "merge_partial_attention",
+           "block_table", "BlockTable"]
