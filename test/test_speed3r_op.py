@@ -364,3 +364,15 @@ def test_flop_model_of_the_full_pi3_speed3r_preset():
     flops = run_bench(config_from_preset("flops-1024-speed3r"))["methods"]["speed3r"]["flops"]
     assert 150 < flops["global_attention_speedup"] < 300
     assert 12.4 < flops["speedup"] < flops["amdahl_bound"]
+
+
+def test_op_on_window_major_tokens_uses_the_windows_as_blocks():
+    """What op-level benchmarks of pi3-speed3r call (q/k/v only, no gates)."""
+    layout = TokenLayout(frames=2, tokens_per_frame=64, special_tokens=0, grid=(8, 8), reference_frame=None,
+                         window=(4, 4))
+    q, k, v = qkv(1, 2, layout.num_tokens, 16, seed=11)
+    out = training_free_attention(q, k, v, layout, Speed3RConfig(top_k=8), chunk_elements=3000)
+    torch.testing.assert_close(out, dense(q, k, v), atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(Speed3ROp(Speed3RConfig(top_k=2))(q, k, v, layout), dense(q, k, v), atol=1e-4)
+    with pytest.raises(ValueError, match="window-major"):
+        block_table(layout, (2, 2), "cpu")

@@ -143,10 +143,29 @@ def _block_table(key: tuple, window: tuple[int, int], anchor_every: int, device:
                       dense.to(device), always.to(device), bool((~valid).any()))
 
 
+@lru_cache(maxsize=16)
+def _window_major_table(num_tokens: int, block_tokens: int, device: str) -> BlockTable:
+    tokens = torch.arange(num_tokens).view(-1, block_tokens)
+    nb = tokens.shape[0]
+    empty = torch.zeros(0, dtype=torch.int64)
+    return BlockTable(tokens.to(device), torch.ones(nb, block_tokens, dtype=torch.bool, device=device),
+                      torch.full((nb,), float(block_tokens), device=device), torch.arange(nb, device=device),
+                      empty.to(device), empty.to(device), False)
+
+
 def block_table(layout: TokenLayout, window: tuple[int, int], device, anchor_every: int = 0) -> BlockTable:
+    """The blocks of ``layout``: windows of its row-major patch grids, or — for a window-major
+    layout (Speed3R-π3's decoder, no special tokens, no reference frame) — its consecutive
+    windows, which must then be ``window``."""
+    window = tuple(window)
     if layout.window is not None:
-        raise ValueError("training-free Speed3R expects row-major patch tokens (this layout is window-major)")
-    return _block_table(layout_key(layout), tuple(window), int(anchor_every), str(torch.device(device)))
+        if layout.window != window or layout.special_tokens or layout.reference_frame is not None or anchor_every:
+            raise ValueError(f"a window-major layout ({layout.window} windows) takes block_size={layout.window}, no "
+                             f"special tokens, reference frame or anchors (got block_size={window}, "
+                             f"special_tokens={layout.special_tokens}, reference_frame={layout.reference_frame}, "
+                             f"anchor_every={anchor_every})")
+        return _window_major_table(layout.num_tokens, window[0] * window[1], str(torch.device(device)))
+    return _block_table(layout_key(layout), window, int(anchor_every), str(torch.device(device)))
 
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -263,7 +282,8 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
 class Speed3ROp:
     """The ``speed3r`` global-attention op: the learned layer where the layer has gates, the
     training-free combination everywhere else (``attend_layer``); ``__call__`` is the
-    training-free op on q, k, v (op-level benchmarks)."""
+    training-free op on q, k, v (op-level benchmarks; on a window-major layout its windows are
+    the blocks, while :meth:`attention_flops` prices such a layout as the learned layer)."""
 
     def __init__(self, config: Speed3RConfig = Speed3RConfig(), chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.config = config
