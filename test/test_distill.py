@@ -82,3 +82,18 @@ def test_distill_command_runs_and_refuses_a_model_without_gates(tmp_path, capsys
     assert main(["distill", "--out", str(tmp_path / "x"), "--preset", "pi3-tiny", "--size", "112x112",
                  "--steps", "1", "--no-progress"]) == 2
     assert "no learned Speed3R gates" in capsys.readouterr().err
+
+
+def test_student_from_pi3_weights_is_the_official_remapping(tmp_path):
+    from spark3r.models.pi3_speed3r import speed3r_state_dict_from_pi3
+
+    pi3 = load_pretrained("pi3-tiny", "seeded")
+    state = speed3r_state_dict_from_pi3(pi3.state_dict(), num_heads=6)
+    assert "register_token" not in state and torch.equal(state["global_decoder.1.attn.qkv.weight"],
+                                                         pi3.state_dict()["decoder.3.attn.qkv.weight"])
+    assert torch.equal(state["global_decoder.0.attn.gate.0.bias"], torch.tensor([-1.0, 1.0] * 6))
+    cfg = DistillConfig(out=str(tmp_path / "p"), preset="pi3-speed3r-tiny", from_pi3="seeded", frames=2,
+                        size=(112, 112), steps=1)
+    student, teacher = build_models(cfg)  # loads strictly
+    assert teacher.preset == "pi3-tiny" and not any(p.requires_grad for p in teacher.parameters())
+    assert distill(cfg, progress=False)["step"] == 1

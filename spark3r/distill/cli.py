@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenes", type=int, default=d["scenes"], help="synthetic: distinct scenes cycled (0 = new per step)")
     p.add_argument("--save-every", type=int, default=d["save_every"], help="steps between saved training states")
     p.add_argument("--reset-gates", action="store_true", help="start the gates from the official initialisation")
+    p.add_argument("--from-pi3", default=None, help="π3 weights (file / dir / hub id / seeded): the official recipe, "
+                                                    "teacher = that π3, student = its weights remapped (ignores --weights)")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default=d["device"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

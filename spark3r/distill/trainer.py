@@ -5,7 +5,9 @@ imitates the dense teacher (the same weights with dense global attention).
   ``pi3-speed3r-tiny``), its learned sparse attention installed; the DINOv2 encoder frozen,
   everything else trained. ``reset_gates`` starts the gates from the official initialisation
   (weight 0, bias -1 / +1: compression branch ~0.27, selection branch ~0.73).
-* teacher: the same weights with dense global attention (``spark3r.accel.remove``), frozen.
+* teacher: the same weights with dense global attention (``spark3r.accel.remove``), frozen; or,
+  with ``from_pi3``, the official recipe: the π3 model itself, the student starting from its
+  remapped weights (:func:`spark3r.models.pi3_speed3r.speed3r_state_dict_from_pi3`).
 * loss: :func:`spark3r.distill.loss.distill_loss`; AdamW (lr 1e-5, weight decay 0.05, betas
   0.9 / 0.95), one-cycle cosine schedule, gradient clipping at 1.0 — the official settings.
 * data: random windows of ``frames`` images from a folder, or synthetic room sequences.
@@ -48,6 +50,7 @@ class DistillConfig:
     scenes: int = 0                            # synthetic: distinct scenes cycled through (0 = a new one per step)
     save_every: int = 100                      # steps between training-state saves, >= 1
     reset_gates: bool = False                  # start the gates from the official initialisation
+    from_pi3: Optional[str] = None             # π3 weights: the official recipe (teacher = that π3, student = its remapped weights)
     seed: int = 0
     device: str = "cpu"
 
@@ -71,11 +74,27 @@ def official_gate_init(model) -> None:
             linear.bias.copy_(torch.tensor([-1.0, 1.0]).repeat(linear.bias.numel() // 2))
 
 
-def build_models(config: DistillConfig):
-    """(student, teacher): the same weights, learned sparse vs dense global attention."""
-    from spark3r import accel
-    from spark3r.models import load_pretrained
+# The π3 preset whose weights a Speed3R preset starts from (--from-pi3).
+PI3_OF = {"pi3-speed3r": "pi3", "pi3-speed3r-tiny": "pi3-tiny"}
 
+
+def build_models(config: DistillConfig):
+    """(student, teacher): the same weights with learned sparse vs dense global attention, or —
+    with ``from_pi3`` — the π3 model as teacher and its remapped weights as student."""
+    from spark3r import accel
+    from spark3r.models import load_pretrained, load_weights
+    from spark3r.models.pi3_speed3r import speed3r_state_dict_from_pi3
+    from spark3r.models.registry import build_model
+
+    if config.from_pi3 is not None:
+        if config.preset not in PI3_OF:
+            raise ValueError(f"--from-pi3 needs a Speed3R π3 preset ({sorted(PI3_OF)}), got {config.preset!r}")
+        teacher = load_pretrained(PI3_OF[config.preset], config.from_pi3, device=config.device)
+        state = speed3r_state_dict_from_pi3(teacher.state_dict(), teacher.config.num_heads)
+        student = load_weights(build_model(config.preset, device="meta"), state, device=config.device)
+        teacher.requires_grad_(False).eval()
+        student.encoder.requires_grad_(False)
+        return student, teacher
     student = load_pretrained(config.preset, config.weights, device=config.device)
     if not all(getattr(m, "gate", None) is not None for m in student.global_attention_modules()):
         raise ValueError(f"preset {config.preset!r} has no learned Speed3R gates; use pi3-speed3r or pi3-speed3r-tiny")

@@ -141,3 +141,27 @@ class Pi3Speed3R(Pi3):
         if MID_HIDDEN in wanted:
             out[MID_HIDDEN] = decoded[1]
         return out
+
+
+def speed3r_state_dict_from_pi3(pi3_state: dict, num_heads: int) -> dict:
+    """A π3 state dict -> the Speed3R-π3 layout the official training starts from
+    (``pi3/utils/initialize.py``): ``decoder.{2j}`` -> ``local_decoder.{j}``, ``decoder.{2j+1}``
+    -> ``global_decoder.{j}``, ``register_token`` dropped, every global block given gates at the
+    official initialisation (weight 0, bias -1 / +1 per head), everything else unchanged."""
+    out = {}
+    gates = set()
+    for name, value in pi3_state.items():
+        if name == "register_token":
+            continue
+        if name.startswith("decoder."):
+            _, index, rest = name.split(".", 2)
+            j, odd = divmod(int(index), 2)
+            name = f"{'global' if odd else 'local'}_decoder.{j}.{rest}"
+            if odd and rest == "attn.qkv.weight":
+                gates.add((j, value.shape[1], value.dtype))
+        out[name] = value
+    for j, dim, dtype in sorted(gates):
+        out[f"global_decoder.{j}.attn.gate.0.weight"] = torch.zeros(2 * num_heads, dim, dtype=dtype)
+        out[f"global_decoder.{j}.attn.gate.0.bias"] = torch.tensor([-1.0, 1.0], dtype=dtype).repeat(num_heads)
+    return out
+
