@@ -56,7 +56,8 @@ def call(node, client, timeout=30.0, process=None):
 
 
 def settled(rec, expected_images: int):
-    """True once the node reports every image it received handled and nothing queued or pending.
+    """True once the node reports every image it received handled and nothing queued, pending or
+    being inferred.
 
     Images travel best-effort (SensorDataQoS, as on a robot), so on a loaded machine DDS may lose
     some while the node's process is busy with a window: up to a fifth of the stream may be
@@ -70,7 +71,8 @@ def settled(rec, expected_images: int):
             return False
         handled = diag(rec, "frames_offered") + diag(rec, "images_dropped_queue") + diag(rec, "images_bad")
         return (diag(rec, "images_received") >= least and handled >= diag(rec, "images_received")
-                and diag(rec, "queue_depth") == 0 and diag(rec, "pending_keyframes") == 0)
+                and diag(rec, "queue_depth") == 0 and diag(rec, "pending_keyframes") == 0
+                and diag(rec, "inference_running") == 0)
     return predicate
 
 

@@ -109,10 +109,11 @@ class MapBagWriter:
         t = self._ts.types
         return t[ODOMETRY_TYPE](
             header=header_msg(self._ts, record.stamp_ns, record.frame_id), child_frame_id=record.child_frame_id,
-            pose=t["geometry_msgs/msg/PoseWithCovariance"](pose=self._pose(record.pose), covariance=np.zeros(36)),
+            pose=t["geometry_msgs/msg/PoseWithCovariance"](
+                pose=self._pose(record.pose), covariance=np.asarray(record.pose_covariance, np.float64).reshape(36)),
             twist=t["geometry_msgs/msg/TwistWithCovariance"](
                 twist=t["geometry_msgs/msg/Twist"](linear=self._vector(record.linear), angular=self._vector(record.angular)),
-                covariance=np.zeros(36)))
+                covariance=np.asarray(record.twist_covariance, np.float64).reshape(36)))
 
     def _path_msg(self, record: PathRecord):
         # Each pose is converted once: the whole path is written after every window.
