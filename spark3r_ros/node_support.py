@@ -124,7 +124,7 @@ class MappingPipeline:
             self._keyframes_waiting.set()
 
     def _inference_step(self) -> None:
-        if self.mapper is None or not self._keyframes_waiting.wait(self._poll_s):
+        if not self._keyframes_waiting.wait(self._poll_s) or self.mapper is None:
             return
         self._keyframes_waiting.clear()
         while not self._stop.is_set():
