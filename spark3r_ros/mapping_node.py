@@ -268,8 +268,8 @@ class MappingNode(Node):
         drops = self.mapper.stats.keyframes_dropped_backlog if decision.accepted else 0
         if drops > self._backlog_drops_seen:
             self._backlog_drops_seen = drops
-            self._throttle.warn("backlog", f"the backbone is slower than the keyframes: dropped the oldest pending "
-                                           f"keyframe ({drops} so far, max_pending_keyframes={self.mapper_config.window.max_pending_keyframes})")
+            self._throttle.warn("backlog", f"the backbone is slower than the keyframes: dropped the oldest pending keyframe "
+                                           f"({drops} so far, max_pending_keyframes={self._pipeline.pending_capacity})")
         return decision.accepted
 
     def _publish_outcome(self, epoch: int, before, after, result: Optional[WindowResult]) -> None:
@@ -287,8 +287,8 @@ class MappingNode(Node):
                 lost = self.composer.compose_lost(after.last_window_stamp_ns)
                 if lost is not None:
                     self._odom_pub.publish(odometry_record_to_msg(lost))
-                    self._throttle.warn("lost", "tracking LOST: the last window could not be aligned to the map; "
-                                                "odometry holds the last pose with a large covariance")
+                    self._throttle.warn("lost", "tracking LOST: the last window gave no poses (alignment rejected or output "
+                                                "dropped); odometry holds the last pose with a large covariance")
 
     def _on_time_backwards(self, stamp_ns: int) -> None:
         # The mapper resets itself on the next offer; the node drops what it derived from the old run.
@@ -391,7 +391,7 @@ class MappingNode(Node):
             counters = asdict(self.counters)
         values = {"input_rate_hz": round(self._input_rate.rate(), 2), "queue_depth": len(self._queue),
                   "queue_capacity": self.values["queue_depth"],
-                  "pending_capacity": self.mapper_config.window.max_pending_keyframes,
+                  "pending_capacity": self._pipeline.pending_capacity,
                   "inference_running": int(self._pipeline.inference_running), **counters}
         with self._publish_lock:
             values.update(self.composer.tracking_values())

@@ -101,6 +101,11 @@ class MappingPipeline:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def pending_capacity(self) -> int:
+        """Keyframes that may wait for the backbone (``max_pending_keyframes``; 0 without a mapper)."""
+        return self.mapper.config.window.max_pending_keyframes if self.mapper is not None else 0
+
     def new_map(self) -> None:
         self.map_epoch += 1
 
@@ -208,8 +213,8 @@ def diagnostic_summary(values: dict, backbone_error: str) -> tuple[str, str]:
     if values.get("windows_mapped", 0) == 0:
         return "ok", "waiting for the first window"
     if values.get("tracking_state") == "LOST":
-        return "warn", (f"tracking LOST for {values.get('tracking_lost_windows', 0)} window(s): windows cannot be "
-                        "aligned to the map")
+        return "warn", (f"tracking LOST for {values.get('tracking_lost_windows', 0)} window(s): not aligned to the map "
+                        "or their output dropped")
     return "ok", f"{values['windows_mapped']} windows, {values['keyframes']} keyframes, {values['map_points']} map points"
 
 
