@@ -37,6 +37,7 @@ from spark3r.data.io import temp_sibling, atomic_write, format_stamp_ns
 from spark3r.mapping import Frame, Mapper, MapperConfig, WindowResult
 from spark3r.mapping.config import OutputConfig
 from spark3r.mapping.outputs import OutputComposer
+from spark3r.mapping.tracking import window_failed
 from spark3r.offline.inputs import OfflineInput
 from spark3r.offline.map_bag import MapBagWriter
 
@@ -124,6 +125,20 @@ class _Run:
     recorder: RecordingBackbone
     keyframes: list = field(default_factory=list)
     windows: list = field(default_factory=list)
+
+    def drain(self, mapper: Mapper, force: bool = False) -> None:
+        """Run every window that is due (``force``: also a partial one, at the end) and write its
+        records; a window that gave no poses writes the tracking-lost Odometry, as the node does."""
+        while True:
+            before = mapper.stats
+            result = mapper.process_pending(force=force)
+            after = mapper.stats
+            if result is not None:
+                self.save_window(result)
+            elif window_failed(before, after, result) and (lost := self.composer.compose_lost(after.last_window_stamp_ns)):
+                self.bag.write_odometry(lost)
+            if result is None and not mapper.backlog:
+                return
 
     def save_window(self, result: WindowResult) -> None:
         pred = self.recorder.last_prediction
@@ -241,9 +256,7 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
                 last_stamp = frame.stamp_ns
                 mapper.offer(Frame(frame.image, frame.stamp_ns, source.K))
                 frames += 1
-                while (result := mapper.process_pending()) is not None or mapper.backlog:
-                    if result is not None:
-                        run.save_window(result)
+                run.drain(mapper)
                 progress.update(frames, mapper)
                 if max_frames is not None and frames >= max_frames:
                     break
@@ -252,8 +265,7 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
             if frames == 0:
                 raise ValueError(f"{source.path}: no decodable frames (read {source.corrupt_frames} corrupt ones); "
                                  "nothing to map")
-            for result in mapper.flush():
-                run.save_window(result)
+            run.drain(mapper, force=True)
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted: writing the outputs of the %d keyframes mapped so far", len(mapper.trajectory))
