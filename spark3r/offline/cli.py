@@ -136,7 +136,8 @@ def run(args) -> int:
     except (ValueError, TypeError, OSError) as exc:
         print(f"spark3r map: error: {exc}", file=sys.stderr)
         return 2
-    state = "interrupted (partial outputs)" if report["interrupted"] else "complete"
+    state = ("interrupted (partial outputs)" if report["interrupted"] else
+             "FAILED, mapped nothing" if report["mapped_nothing"] else "complete")
     print(f"spark3r map: {state}: {report['frames']} frames, {report['keyframes_mapped']} keyframes mapped, "
           f"{report['map_points']} map points -> {args.out}")
     if report["mapped_nothing"] and not report["interrupted"]:
