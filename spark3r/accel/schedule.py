@@ -100,7 +100,9 @@ class KVSchedule:
 def save_schedule(schedule: KVSchedule, path: Union[str, Path]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(schedule.to_dict(), indent=1) + "\n")
+    from spark3r.data import strict_json
+
+    path.write_text(strict_json.dumps(schedule.to_dict(), indent=1) + "\n")
     return path
 
 
