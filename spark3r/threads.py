@@ -100,3 +100,10 @@ def apply_threads(threads: int) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def add_threads_argument(parser) -> None:
+    """``--threads N`` with the same meaning in every ``spark3r`` command (node: ``threads``)."""
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help=f"CPU threads for inference (torch intra-op), applied in the thread that runs it; "
+                             f"0 = auto: usable cores - {RESERVED_CORES}, at least 1 (default 0)")
