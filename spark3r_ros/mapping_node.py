@@ -398,6 +398,8 @@ class MappingNode(Node):
             values.update({f"decisions.{k}": v for k, v in sorted(decisions.items())})
         values["backbone"] = self.backbone_name
         values["backbone_error"] = self.backbone_error
+        if self.mapper is not None:  # CPU threads the last window ran with (set in the worker thread)
+            values["inference_threads"] = getattr(self.mapper.backbone, "threads_used", None) or 0
         return values
 
     def _publish_diagnostics(self) -> None:

@@ -88,8 +88,9 @@ def test_unusable_predicted_intrinsics_fail_loudly_then_intrinsics_map(bench, im
     K = load_tum_ground_truth(bench["tum"]).K
     given = f"{K[0, 0]},{K[1, 1]},{K[0, 2]},{K[1, 2]}"
     out2 = tmp_path / "mapped"
-    assert map_cli.main(_tiny_argv(image_folder, out2, "--intrinsics", given)) == 0
+    assert map_cli.main(_tiny_argv(image_folder, out2, "--intrinsics", given, "--threads", "1")) == 0
     report = _strict_load(out2 / "report.json")
+    assert report["timings"]["inference_threads"] == 1
     assert report["keyframes_mapped"] >= 3 and report["input"]["intrinsics"] == "given (--intrinsics)"
     assert "intrinsics from --intrinsics" in report["input"]["notes"]
     listing = json.loads((out2 / "keyframes.json").read_text())["keyframes"]

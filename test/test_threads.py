@@ -92,3 +92,32 @@ def test_the_count_applies_to_the_calling_thread_only():
     assert seen == {"applied": 1, "in_worker": 1}
     if main_before > 1:
         assert torch.get_num_threads() == main_before  # the main thread's team kept its size
+
+
+def test_model_backbone_runs_its_forward_with_the_configured_count_in_the_calling_thread():
+    """The node's worker (here: a fresh thread whose team size is something else) gets the
+    configured count for the encoder and the forward, and reports what it used."""
+    from spark3r.data.synthetic import render_sequence
+    from spark3r.mapping import BackboneConfig, Keyframe
+    from spark3r.mapping.model_backbone import ModelBackbone
+
+    backbone = ModelBackbone.from_config(BackboneConfig(backbone="vggt-tiny", checkpoint="seeded", image_width=28,
+                                                        threads=1), window_size=2, window_stride=1)
+    assert backbone.threads == 1 and backbone.threads_used is None
+    during = []
+    backbone.model.register_forward_pre_hook(lambda module, args: during.append(torch.get_num_threads()))
+    seq = render_sequence(num_frames=2, height=28, width=42, seed=0)
+    window = [Keyframe(i, int(seq.stamps_ns[i]), seq.images[i]) for i in range(2)]
+    seen = {}
+
+    def worker():
+        torch.set_num_threads(3)  # what this thread would use otherwise
+        backbone.predict(window)
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker, name="spark3r_mapping_worker")
+    t.start()
+    t.join()
+    assert during and set(during) == {1} and backbone.threads_used == 1 and seen["after"] == 1
+    auto = ModelBackbone(backbone.model, image_width=28, cache_max_frames=0)
+    assert auto.threads == threads.default_threads()

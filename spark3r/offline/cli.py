@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from spark3r.threads import add_threads_argument
+
 
 def _parse_value(text: str):
     """``--param name=value``: Python/JSON literals (numbers, true/false, lists), else a string."""
@@ -66,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="mapper parameter or reduction method parameter reduction.<name> (same names as the ROS node), "
                         "repeatable, e.g. --param window_size=8 --param reduction.query_keep=1")
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress output (default: a live line on a terminal, else a plain line every "
                         "--progress-interval seconds)")
@@ -77,7 +80,7 @@ DEFAULT_BACKBONE = "vggt-1b"
 
 # Options that only configure a model: with --ground-truth (no model) they would be ignored.
 _MODEL_OPTIONS = {"backbone": None, "checkpoint": "", "reduction": "dense", "reduction_params": "{}",
-                  "reduction_schedule": "", "cache_max_frames": 0}
+                  "reduction_schedule": "", "cache_max_frames": 0, "threads": 0}
 
 
 def backbone_values(args, params: dict) -> dict:
@@ -96,7 +99,7 @@ def backbone_values(args, params: dict) -> dict:
     values = {"backbone": args.backbone or DEFAULT_BACKBONE, "checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
               "reduction": args.reduction, "reduction_schedule": str(Path(args.reduction_schedule).expanduser())
               if args.reduction_schedule else "", "image_width": args.image_width,
-              "cache_max_frames": args.cache_max_frames}
+              "cache_max_frames": args.cache_max_frames, "threads": args.threads}
     schedule = reduction_params.pop("schedule", None)
     if schedule is not None:  # the schedule file has its own parameter, reduction_schedule
         if values["reduction_schedule"] and values["reduction_schedule"] != str(Path(schedule).expanduser()):

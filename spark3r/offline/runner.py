@@ -399,7 +399,9 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         "timings": {"wall_s": wall, "frames_per_s": frames / wall if wall > 0 else None,
                     "window_latency_s": _summary([w["latency_s"] for w in run.windows]),
                     "dropped_window_latency_s": _summary([a["latency_s"] for a in dropped if a["latency_s"] is not None]),
-                    "all_window_latency_s": _summary([a["latency_s"] for a in attempts if a["latency_s"] is not None])},
+                    "all_window_latency_s": _summary([a["latency_s"] for a in attempts if a["latency_s"] is not None]),
+                    # CPU threads the model ran with (spark3r.threads; None for a test double)
+                    "inference_threads": getattr(backbone, "threads_used", None)},
         "drops": {"corrupt_frames": source.corrupt_frames,
                   "keyframes_dropped_backlog": stats.keyframes_dropped_backlog,
                   "keyframes_dropped_unmapped": stats.keyframes_dropped_unmapped,
