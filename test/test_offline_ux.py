@@ -177,6 +177,45 @@ def test_sigterm_in_process_gives_valid_partial_outputs(bench, tmp_path):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is removed again
 
 
+class _TermInSecondWindow:
+    """Test double: the ground-truth backbone; during its second window a SIGTERM arrives."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def predict(self, window):
+        self.calls += 1
+        if self.calls == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return self.inner.predict(window)
+
+
+def test_sigterm_does_not_wait_for_the_window_in_flight(bench, tmp_path):
+    gt = load_tum_ground_truth(bench["tum"])
+    backbone = _TermInSecondWindow(GroundTruthBackbone(gt))
+    report = run_map(open_input(bench["bag"]), tmp_path / "o", _config(), backbone)
+    assert report["stopped_by"] == "SIGTERM" and backbone.calls == 2
+    assert report["mapper_stats"]["windows_mapped"] == 1  # the second window was abandoned
+    stamps, _ = read_tum_trajectory(tmp_path / "o" / "trajectory.tum")
+    assert len(stamps) == report["keyframes_mapped"] > 0
+
+
+def test_sigterm_while_the_outputs_are_written_does_not_lose_them(bench, tmp_path, monkeypatch):
+    from spark3r.mapping import Mapper
+
+    real_save = Mapper.save
+
+    def save_under_sigterm(self, directory):
+        signal.raise_signal(signal.SIGTERM)  # e.g. `timeout` firing just as the run ends
+        return real_save(self, directory)
+
+    monkeypatch.setattr(Mapper, "save", save_under_sigterm)
+    gt = load_tum_ground_truth(bench["tum"])
+    report = run_map(open_input(bench["bag"]), tmp_path / "o", _config(), GroundTruthBackbone(gt))
+    assert report["complete"] and (tmp_path / "o" / "report.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
 def test_sigterm_to_the_command_leaves_partial_outputs_and_no_staging(tmp_path):
     """A real `spark3r map` process gets SIGTERM mid-run: exit 143, valid partial outputs."""
     paths = write_benchmark(tmp_path / "long", num_frames=150, height=48, width=64, seed=3)
@@ -197,7 +236,7 @@ def test_sigterm_to_the_command_leaves_partial_outputs_and_no_staging(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 143, stderr
-    assert "SIGTERM: finishing the current frame" in stderr and "interrupted (partial outputs)" in stdout
+    assert "SIGTERM: stopping now" in stderr and "interrupted (partial outputs)" in stdout
     report = _strict_load(out / "report.json")
     assert report["interrupted"] and report["stopped_by"] == "SIGTERM" and report["frames"] < 150
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]

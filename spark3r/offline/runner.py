@@ -13,8 +13,9 @@ Output directory (appears atomically; ``report.json`` says whether the run was c
   ``"interrupted"`` flags
 
 Everything is written into a hidden staging directory beside the output and renamed into place
-at the end. Ctrl-C (SIGINT) or SIGTERM (``timeout``, systemd, ``docker stop``) stops reading
-input, finishes the outputs for what was mapped so far and marks the report
+at the end. Ctrl-C (SIGINT) or SIGTERM (``timeout``, systemd, ``docker stop``; it does not wait
+for the window in flight) stops reading input, finishes the outputs for what was mapped so far
+and marks the report
 ``"interrupted": true, "complete": false`` with the signal's name in ``"stopped_by"``; an error
 removes the staging directory, so no output that looks complete is ever left behind.
 
@@ -220,31 +221,45 @@ class _Run:
 class _StopFlag:
     requested = False
     signal_name: Optional[str] = None  # "SIGINT" / "SIGTERM": what stopped the run
+    finishing = False  # the outputs are being written: a SIGTERM no longer interrupts
 
 
-# SIGTERM is what `timeout`, systemd and `docker stop` send: it gets the same graceful stop as
-# Ctrl-C, so a stopped run leaves valid partial outputs instead of a hidden staging directory.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
 def _graceful_interrupt() -> Iterator[_StopFlag]:
-    """The first Ctrl-C or SIGTERM asks the loop to stop after the current frame (so no message
-    or file is cut in half); a second one raises KeyboardInterrupt at once (e.g. inside a long
+    """Stop signals end the run with valid partial outputs for what was mapped.
+
+    Ctrl-C (SIGINT): the first asks the loop to stop after the current frame (so no message or
+    file is cut in half); a second one raises KeyboardInterrupt at once (e.g. inside a long
     window): the loop still writes partial outputs, but one that lands while the outputs are
-    being finished aborts the run and leaves nothing."""
+    being finished aborts the run and leaves nothing.
+
+    SIGTERM (``timeout``, systemd, ``docker stop``): a process manager waits only seconds before
+    SIGKILL, so it stops at once, like a second Ctrl-C (the window in flight is abandoned), but
+    once the outputs are being written it is ignored so that they are finished.
+    """
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-        flag.signal_name = signal.Signals(signum).name
-        log.warning("%s: finishing the current frame, then writing partial outputs "
-                    "(send it again: stop without waiting for the running window)", flag.signal_name)
+        terminate = signum == signal.SIGTERM
+        if terminate and flag.finishing:
+            return
+        first = not flag.requested
+        if first:
+            flag.requested = True
+            flag.signal_name = signal.Signals(signum).name
+        if first and not terminate:
+            log.warning("Ctrl-C: finishing the current frame, then writing partial outputs "
+                        "(Ctrl-C again: stop without waiting for the running window)")
+            return
+        if terminate:
+            log.warning("SIGTERM: stopping now and writing partial outputs")
+        raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
     try:
@@ -369,6 +384,7 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted: writing the outputs of the %d keyframes mapped so far", len(mapper.trajectory))
+        stop.finishing = True
         progress.update(frames, mapper, force=True)
         progress.close()
         xyz, rgb = mapper.voxel_map.points()
