@@ -30,8 +30,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-# Cores left to everything that runs beside inference: the ROS executor and DDS threads, image
-# decoding and the keyframe gate of the next frame, the camera driver.
+# Cores left to what runs beside inference. In the node, image decoding and the keyframe gate run
+# in the same worker thread as the backbone (one after the other, so they never compete with it);
+# beside it run the executor's threads (they only queue messages and answer services/timers) and
+# DDS's receive threads, all mostly idle, plus the robot's other processes (camera driver). One
+# core covers them; `spark3r map` reads and decodes in its one thread too.
 RESERVED_CORES = 1
 MAX_THREADS = 1024
 

@@ -352,3 +352,18 @@ def test_unwritable_output_folder_names_the_users_folder(bench, tmp_path, capsys
     assert map_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert f"spark3r map: error: cannot create {out}: Permission denied" in err and ".run." not in err
+
+
+def test_a_full_disk_names_the_users_output_not_the_staging_folder(bench, tmp_path, capsys, monkeypatch):
+    from spark3r.mapping import Mapper
+
+    def disk_full(self, directory):  # test double for a full disk while the map is written
+        raise OSError(28, "No space left on device", str(Path(directory) / "map.ply"))
+
+    monkeypatch.setattr(Mapper, "save", disk_full)
+    out = tmp_path / "run"
+    code = map_cli.main([str(bench["bag"]), "--out", str(out), "--ground-truth", str(bench["tum"]), "--no-progress",
+                         *_params()])
+    err = capsys.readouterr().err
+    assert code == 2 and f"spark3r map: error: cannot write {out / 'map.ply'}: No space left on device" in err
+    assert ".run." not in err and list(tmp_path.iterdir()) == []

@@ -300,7 +300,7 @@ def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, ba
     try:
         staging.mkdir()
     except OSError as exc:  # name the user's folder, not the hidden staging one
-        raise PermissionError(f"cannot create {out}: {exc.strerror or exc}") from None
+        raise type(exc)(f"cannot create {out}: {exc.strerror or exc}") from None
     try:
         with _graceful_interrupt() as stop, _logs_beside(reporter):
             report = _map_into(source, staging, config, backbone, backbone_info, reporter, max_frames, stop)
@@ -309,10 +309,27 @@ def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, ba
                 os.replace(out, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        written = _inside(exc.filename, staging)
+        if written is None:  # not one of our outputs (e.g. reading the input)
+            raise
+        # A full disk or a revoked permission while writing: name the output the user asked for.
+        raise type(exc)(f"cannot write {out / written}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def _inside(filename, folder: Path) -> Optional[Path]:
+    """``filename`` relative to ``folder`` if it lies in it, else None."""
+    if not filename:
+        return None
+    try:
+        return Path(os.fsdecode(filename)).relative_to(folder)
+    except ValueError:
+        return None
 
 
 # MapperStats counters -> outcome of a window whose backbone run gave no WindowResult.
