@@ -28,6 +28,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def test_every_option_of_every_command_has_a_help_text(command):
     parser = _subcommands(build_parser())[command]
     assert _undocumented(parser) == [], f"spark3r {command}: options without a help text"
+    assert "--" in parser.format_help()  # renders (a stray % in a help text would raise here)
 
 
 def test_every_command_is_walked():
