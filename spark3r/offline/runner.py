@@ -15,9 +15,10 @@ Output directory (appears atomically; ``report.json`` says whether the run was c
 Everything is written into a hidden staging directory beside the output and renamed into place
 at the end. Ctrl-C (SIGINT) or SIGTERM (``timeout``, systemd, ``docker stop``; it does not wait
 for the window in flight) stops reading input, finishes the outputs for what was mapped so far
-and marks the report
-``"interrupted": true, "complete": false`` with the signal's name in ``"stopped_by"``; an error
-removes the staging directory, so no output that looks complete is ever left behind.
+and marks the report ``"interrupted": true, "complete": false`` with the signal's name in
+``"stopped_by"``; an error removes the staging directory, so no output that looks complete is
+ever left behind. A run that mapped no keyframe still writes everything, with
+``"mapped_nothing": true``.
 
 ``report.json`` is strict JSON (``null`` for a value that does not exist, never ``NaN``). Every
 backbone run is timed, also those whose window was then dropped or rejected
