@@ -14,7 +14,7 @@ What is published is computed in the core: parameters come from the config datac
 (:mod:`spark3r_ros.parameters`), each window's TF / Odometry / Path / cloud records from
 :class:`spark3r.mapping.outputs.OutputComposer` (frames and REP-105 policy are documented there;
 the offline ``mapping.bag`` is written from the same records). This module holds the ROS objects:
-publishers, subscriptions, QoS, services, timers and the worker thread. Without
+publishers, subscriptions, QoS, services, timers and the pipeline threads. Without
 ``publish_odom_to_base_tf`` another node owns ``odom -> base_link``; the node reads it from
 ``/tf`` (:class:`~spark3r_ros.odom_tf_buffer.OdomTfBuffer`) at each keyframe stamp.
 """
@@ -283,12 +283,10 @@ class MappingNode(Node):
                 return  # ~/reset or a time jump while this window ran: it belongs to the old map
             if result is not None and result.keyframes:
                 self._publish_window_locked(result)
-            elif window_failed(before, after, result):
-                lost = self.composer.compose_lost(after.last_window_stamp_ns)
-                if lost is not None:
-                    self._odom_pub.publish(odometry_record_to_msg(lost))
-                    self._throttle.warn("lost", "tracking LOST: the last window gave no poses (alignment rejected or output "
-                                                "dropped); odometry holds the last pose with a large covariance")
+            elif window_failed(before, after, result) and (lost := self.composer.compose_lost(after.last_window_stamp_ns)):
+                self._odom_pub.publish(odometry_record_to_msg(lost))
+                self._throttle.warn("lost", "tracking LOST: the last window gave no poses (alignment rejected or output "
+                                            "dropped); odometry holds the last pose with a large covariance")
 
     def _on_time_backwards(self, stamp_ns: int) -> None:
         # The mapper resets itself on the next offer; the node drops what it derived from the old run.
@@ -401,8 +399,9 @@ class MappingNode(Node):
             values.update(stats)
             values["trajectory_keyframes"] = len(self.mapper.trajectory)  # mapped keyframes of the current map
             values.update({f"decisions.{k}": v for k, v in sorted(decisions.items())})
-        values["backbone"] = self.backbone_name
-        values["backbone_error"] = self.backbone_error
+            # CPU threads the last window ran with (set in the inference thread)
+            values["inference_threads"] = getattr(self.mapper.backbone, "threads_used", None) or 0
+        values.update(backbone=self.backbone_name, backbone_error=self.backbone_error)
         return values
 
     def _publish_diagnostics(self) -> None:

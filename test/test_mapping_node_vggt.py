@@ -28,7 +28,8 @@ NODE = "spark3r_mapping"
 FRAMES = 16
 SCENE_ARGS = ["--frames", str(FRAMES), "--height", "96", "--width", "128", "--seed", "4", "--fps", "10"]
 PARAMS = {"backbone": "vggt-tiny", "checkpoint": "seeded", "image_width": 112, "window_size": 4, "window_stride": 2,
-          "min_parallax_px": 2.0, "map_publish_period": 0.0, "conf_percentile": 0.0, "conf_min": 0.0, "queue_depth": 32}
+          "min_parallax_px": 2.0, "map_publish_period": 0.0, "conf_percentile": 0.0, "conf_min": 0.0, "queue_depth": 32,
+          "threads": 1}  # the CI machine is small and shared
 
 
 def run_node(ros_context, module, save_dir):
@@ -84,6 +85,7 @@ def test_production_seeded_checkpoint_runs_the_model_on_the_stream(ros_context, 
     assert rec.diagnostics["backbone_error"] == "" and d["windows"] >= 2
     assert d["windows"] == sum(v for k, v in d.items() if k != "windows")
     assert d["backbone_errors"] == 0 and save.success
+    assert diag(rec, "inference_threads") == 1  # the threads parameter, applied in the mapping worker
     # Random weights predict a degenerate focal length; camera_info's K lets the mapper use the
     # windows anyway, so the outputs flow (with meaningless geometry).
     assert d["windows_mapped"] >= 1
