@@ -28,6 +28,7 @@ from spark3r.accel.common import relative_error
 from spark3r.models.base import BackboneOutputs
 from spark3r.models.camera import invert_rigid
 from spark3r.models.layers.layout import TokenLayout
+from spark3r.threads import apply_threads, resolve_threads, usable_cpus
 
 from . import flops as flops_mod
 
@@ -217,7 +218,7 @@ class BenchConfig:
     method_params: dict = field(default_factory=dict)  # method -> {param: value}
     repeats: int = 2
     flops_only: bool = False
-    threads: Optional[int] = None
+    threads: int = 0  # 0 = auto (spark3r.threads.default_threads)
     device: str = "cpu"
     dtype: str = "float32"
     checkpoint: Optional[str] = None
@@ -324,14 +325,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark and return the JSON-ready result."""
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = apply_threads(resolve_threads(cfg.threads))
     h, w = cfg.size
     result: dict[str, Any] = {
         "format": "spark3r-bench/1",
         "preset": cfg.preset,
         "config": {**dataclasses.asdict(cfg), "size": list(cfg.size), "methods": list(cfg.methods)},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+        "environment": {"torch": torch.__version__, "threads": threads, "usable_cpus": usable_cpus(),
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "device": str(device),
                         "dtype": cfg.dtype,
                         # whether spark3r's fused CPU merge kernel could be built (else eager PyTorch)
                         "native_merge_kernel": device.type == "cpu" and native.load("pair_merge") is not None},

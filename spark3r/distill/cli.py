@@ -26,15 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_size, default=d["size"], help="network input HxW, multiples of 56")
     p.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps in total")
     p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (one-cycle cosine)")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--grad-clip", type=float, default=d["grad_clip"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay, >= 0")
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="maximum gradient norm, > 0")
     p.add_argument("--scenes", type=int, default=d["scenes"], help="synthetic: distinct scenes cycled (0 = new per step)")
     p.add_argument("--save-every", type=int, default=d["save_every"], help="steps between saved training states")
     p.add_argument("--reset-gates", action="store_true", help="start the gates from the official initialisation")
     p.add_argument("--from-pi3", default=None, help="π3 weights (file / dir / hub id / seeded): the official recipe, "
                                                     "teacher = that π3, student = its weights remapped (ignores --weights)")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--device", default=d["device"])
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of the samples and the initialisation")
+    p.add_argument("--device", default=d["device"], help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

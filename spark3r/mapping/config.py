@@ -289,6 +289,9 @@ class BackboneConfig:
                              range=(28, 4088), step=14)
     cache_max_frames: int = param(0, "patch-embedding cache capacity in keyframes (0 = window_size + window_stride)",
                                   range=(0, 100000))
+    threads: int = param(0, "CPU threads for inference (torch intra-op), set in the thread that runs the backbone before "
+                            "every window; 0 = auto: usable cores - 1 (one is left to the ROS executor, image decoding "
+                            "and other processes), at least 1", range=(0, 1024))
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..models.base import BackboneOutputs
+from ..threads import apply_threads, resolve_threads
 from .backbone import Prediction
 from .config import BackboneConfig
 from .frames import Keyframe
@@ -145,7 +146,7 @@ class ModelBackbone:
     the model's). The model's own dtype is used for its blocks; heads decide their own precision.
     """
 
-    def __init__(self, model, *, image_width: int = 518, cache_max_frames: int = 24, device=None):
+    def __init__(self, model, *, image_width: int = 518, cache_max_frames: int = 24, device=None, threads: int = 0):
         if not callable(getattr(model, "decode", None)) or not callable(getattr(model, "encode_patches", None)):
             raise TypeError(f"{type(model).__name__} is not a spark3r backbone (spark3r.models.base.BackboneModel: "
                             f"encode_patches and decode are needed)")
@@ -161,6 +162,10 @@ class ModelBackbone:
         self.image_width = int(image_width) // self.multiple * self.multiple
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.cache = PatchCache(cache_max_frames) if cache_max_frames > 0 else None
+        # CPU threads of every forward (0 = auto, spark3r.threads); set in the calling thread
+        # because OpenMP keeps the team size per thread. threads_used: what the last forward got.
+        self.threads = resolve_threads(threads)
+        self.threads_used: Optional[int] = None
 
     @classmethod
     def from_config(cls, config: BackboneConfig, window_size: int = 16, window_stride: int = 8) -> "ModelBackbone":
@@ -190,7 +195,7 @@ class ModelBackbone:
         if config.reduction != "dense" or config.reduction_params:
             accel.apply(model, config.reduction, **config.reduction_params)
         cache = config.cache_max_frames or (window_size + window_stride)
-        return cls(model, image_width=config.image_width, cache_max_frames=cache, device=device)
+        return cls(model, image_width=config.image_width, cache_max_frames=cache, device=device, threads=config.threads)
 
     # -- Backbone protocol ---------------------------------------------------------------------
 
@@ -201,6 +206,7 @@ class ModelBackbone:
         if len(shapes) != 1:
             raise ValueError(f"all keyframes of a window must have the same image size, got {sorted(shapes)}")
         geometry = network_geometry(next(iter(shapes)), self.image_width, self.multiple)
+        self.threads_used = apply_threads(self.threads)  # before the encoder of new keyframes, too
         images, tokens = self._inputs(window, geometry)
         with torch.inference_mode():
             outputs = self.model(images[None], patch_tokens=tokens[None], heads=MAPPING_HEADS)

@@ -28,13 +28,17 @@ _WEIGHT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bi
 class CheckpointMismatchError(ValueError):
     """The checkpoint's entries do not match the model's state dict."""
 
-    def __init__(self, missing: list[str], unexpected: list[str], wrong_shape: list[tuple[str, tuple, tuple]]):
+    def __init__(self, missing: list[str], unexpected: list[str], wrong_shape: list[tuple[str, tuple, tuple]],
+                 summary: Optional[str] = None):
         self.missing = missing
         self.unexpected = unexpected
         self.wrong_shape = wrong_shape
-        super().__init__(self._message())
+        # A one-line diagnosis (e.g. "this is a vggt-tiny checkpoint") replaces the key lists in
+        # the message; the lists stay available as attributes.
+        self.summary = summary
+        super().__init__(summary if summary is not None else self._message())
 
-    def _message(self, limit: int = 20) -> str:
+    def _message(self, limit: int = 10) -> str:
         def block(title: str, items: list[str]) -> str:
             shown = items[:limit]
             more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
@@ -98,17 +102,32 @@ def _table_from_safetensors(path: Path) -> _Table:
         raise CheckpointReadError(f"cannot read safetensors file {path}: {exc}") from exc
 
 
+# The first bytes of a legacy (pre-1.6, non-zip) torch.save file: a pickle protocol 2+ opcode.
+_PICKLE_PROTOCOL_OPCODE = 0x80
+
+
 def _table_from_torch_file(path: Path) -> _Table:
-    try:
-        # mmap keeps the tensors file-backed; weights_only refuses arbitrary pickled code.
-        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    # torch's own errors for a file that is not a checkpoint at all ("re-save with zipfile
+    # serialization", "invalid load key") send users the wrong way: look at the container first.
+    if zipfile.is_zipfile(path):
+        try:
+            # mmap keeps the tensors file-backed; weights_only refuses arbitrary pickled code.
+            obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:
+            raise CheckpointReadError(f"cannot read torch checkpoint {path}: {exc}") from exc
+    else:
+        with open(path, "rb") as fh:
+            head = fh.read(1)
+        if not head or head[0] != _PICKLE_PROTOCOL_OPCODE:
+            raise CheckpointReadError(
+                f"cannot read {path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a legacy pickle): "
+                "a truncated or corrupt download, or another file format? Expected a .pt/.pth written by "
+                "torch.save, a .safetensors file or a Hugging Face model directory")
         try:  # legacy (non-zip) torch.save files cannot be memory-mapped
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception:
-            raise CheckpointReadError(f"cannot read torch checkpoint {path}: {exc}") from exc
-    except Exception as exc:
-        raise CheckpointReadError(f"cannot read torch checkpoint {path}: {exc}") from exc
+        except Exception as exc:
+            raise CheckpointReadError(f"cannot read legacy torch checkpoint {path} (corrupt or truncated?): "
+                                      f"{type(exc).__name__}: {exc}") from exc
     return _table_from_mapping(_unwrap(obj, str(path)))
 
 
@@ -442,4 +461,38 @@ def load_pretrained(
     model = build_model(preset, device="meta", **overrides)
     if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
         _check_hf_config(Path(source).expanduser(), model)
-    return load_weights(model, source, strict=True, device=device, dtype=dtype, head_dtype=head_dtype)
+    try:
+        return load_weights(model, source, strict=True, device=device, dtype=dtype, head_dtype=head_dtype)
+    except CheckpointMismatchError as exc:
+        if exc.summary is not None:
+            raise
+        guess = guess_preset({name: shape for name, (shape, _) in _open_source(source).items()})
+        if guess is None or guess[0] == preset:
+            raise
+        likely, share = guess
+        shown = source if isinstance(source, (str, os.PathLike)) else "the state dict"
+        raise CheckpointMismatchError(
+            exc.missing, exc.unexpected, exc.wrong_shape,
+            summary=f"checkpoint {shown} does not fit preset {preset!r}: its names and shapes are those of "
+                    f"{likely!r} ({share:.0%} match). Wrong preset? --backbone {likely}") from None
+
+
+# A checkpoint is named as a preset's when this share of the union of their entries agrees in
+# name and shape (a fine-tune keeps every entry; another preset shares few or none).
+_PRESET_MATCH = 0.9
+
+
+def guess_preset(shapes: Mapping[str, tuple]) -> Optional[tuple[str, float]]:
+    """The preset whose complete state dict agrees best with ``shapes`` (checkpoint entry name ->
+    shape), with the share of entries that agree (name and shape, over the union of both), or
+    None when no preset reaches 90 %. Builds each preset on the meta device (no memory)."""
+    from .registry import list_presets
+
+    best = None
+    for candidate in list_presets():
+        model_shapes = {k: tuple(t.shape) for k, (_, _, t) in _named_tensors(build_model(candidate, device="meta")).items()}
+        agree = sum(1 for k, shape in shapes.items() if model_shapes.get(k) == tuple(shape))
+        share = agree / max(len(set(shapes) | set(model_shapes)), 1)
+        if best is None or share > best[1]:
+            best = (candidate, share)
+    return best if best is not None and best[1] >= _PRESET_MATCH else None
