@@ -191,8 +191,9 @@ def test_checkpoint_directory_declares_pi3_speed3r(tmp_path, tiny_case, tiny_mod
     for source in (tmp_path, tmp_path / "model.safetensors", tmp_path / "model.pt", weights):
         model = load_pretrained("pi3-speed3r-tiny", source)
         assert all(torch.equal(model.state_dict()[k], reference[k]) for k in reference), source
-    # The full preset is what the directory declares; the tiny weights then fail strictly.
-    with pytest.raises(CheckpointMismatchError, match="wrong shapes"):
+    # The full preset is what the directory declares; the tiny weights then fail strictly, with
+    # the preset they do fit named.
+    with pytest.raises(CheckpointMismatchError, match="those of 'pi3-speed3r-tiny'"):
         load_pretrained(None, tmp_path, device="meta")
     # A π3 directory with the same config.json is π3.
     pi3_dir = tmp_path / "pi3"
