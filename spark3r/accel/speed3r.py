@@ -51,8 +51,8 @@ from typing import Optional
 import torch
 
 from spark3r.models.layers.layout import TokenLayout
-from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, chunk_ranges, gated_sparse_attention,
-                                                    gather_blocks, topk_key_blocks)
+from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, TILE_ELEMENTS, chunk_ranges, gated_sparse_attention,
+                                                    selected_block_tiles, topk_key_blocks)
 
 from .common import Workspace, check_qkv, exact_attention, layout_key
 from .op import AttentionCost, attention_matmul_flops, dense_cost
@@ -206,6 +206,10 @@ def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> t
     return (num / den[..., None]).to(parts[0][0].dtype)
 
 
+def _scratch(buffer, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device) if buffer is torch.empty else buffer(name, shape, dtype, device)
+
+
 def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                             config: Speed3RConfig, scale: Optional[float] = None,
                             chunk_elements: int = CHUNK_ELEMENTS, workspace: Optional[Workspace] = None) -> torch.Tensor:
@@ -238,7 +242,9 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                                                v.index_select(2, table.always), scale)
         always = (o_always.view(b, h, nb, bt, d), lse_always.view(b, h, nb, bt))
     k_pool_t = k_pool.transpose(-1, -2)
-    per_block = b * h * (2 * nk + 2 * top * bt * d + bt * d)
+    per_block = b * h * (2 * nk + 4 * bt * d)
+    kb_heads, vb_heads = kb.view(b * h, nb, bt, d), vb.view(b * h, nb, bt, d)
+    tile = min(TILE_ELEMENTS, chunk_elements)
     for s, e in chunk_ranges(nb, per_block, chunk_elements):
         c = e - s
         parts = []
@@ -247,18 +253,18 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         if top:
             logits = torch.matmul(q_pool[:, :, s:e], k_pool_t)  # [B, H, c, nk], mean logits of block pairs
             index = topk_key_blocks(logits, top)
-            rows = table.key_blocks[index]
-            bias = None
-            if key_bias is not None:
-                bias = key_bias.index_select(0, rows.reshape(-1)).view(b * h, c, 1, top * bt)
-            if workspace is not None:
-                shape = (b, h, c, top * bt, d)
-                ks = gather_blocks(kb, rows, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
-                vs = gather_blocks(vb, rows, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
-            else:
-                ks, vs = gather_blocks(kb, rows), gather_blocks(vb, rows)
-            o_sel, lse_sel = attend_with_lse(qb[:, :, s:e].reshape(b * h, c, bt, d), ks.view(b * h, c, top * bt, d),
-                                             vs.view(b * h, c, top * bt, d), scale, bias)
+            rows = table.key_blocks[index].view(b * h, c, top)
+            buffer = torch.empty if workspace is None else workspace.buffer
+            o_sel = _scratch(buffer, "speed3r.o_sel", (b * h, c, bt, d), q.dtype, q.device)
+            lse_sel = _scratch(buffer, "speed3r.lse_sel", (b * h, c, bt), torch.float32, q.device)
+            q_chunk = qb[:, :, s:e].reshape(b * h, c, bt, d)
+            tiles = selected_block_tiles(kb_heads, vb_heads, rows, None if workspace is None else workspace.buffer, tile)
+            for g, ts, te, ks, vs in tiles:
+                bias = None
+                if key_bias is not None:
+                    bias = key_bias.index_select(0, rows[g, ts:te].reshape(-1)).view(1, te - ts, 1, top * bt)
+                o_t, lse_t = attend_with_lse(q_chunk[g, ts:te][None], ks[None], vs[None], scale, bias)
+                o_sel[g, ts:te], lse_sel[g, ts:te] = o_t[0], lse_t[0]
             parts.append((o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt)))
             if top < nk:
                 # Every unselected block as one key: logit = mean logit + log(size), value = mean value.

@@ -18,8 +18,8 @@ With fewer than ``top_k`` blocks the official kernel fills the missing slots wit
 (index ``blocks - 1``), which is then attended ``top_k - blocks + 1`` times — reproduced, because
 the checkpoint was trained with it.
 
-Memory: pooled logits and gathered keys exist for a chunk of query blocks at a time
-(``chunk_elements`` floats per intermediate); pure PyTorch, any device and dtype; pooled logits,
+Memory: pooled logits exist for a chunk of query blocks at a time (``chunk_elements`` floats
+per intermediate), gathered keys for one cache-sized tile of one head; pure PyTorch, any device and dtype; pooled logits,
 top-k and the pooled softmax in fp32. ``spark3r.accel.speed3r`` reuses these pieces for its
 training-free mode on other backbones.
 """
@@ -140,6 +140,39 @@ def gather_blocks(blocks: torch.Tensor, index: torch.Tensor, out: Optional[torch
     return out.view(b, h, c, k * bt, d)
 
 
+# Floats per gathered key (and value) tile of the selection branch: 2 MiB in fp32. The gathered
+# keys are top_k/1 times the size of the keys themselves (32x at the defaults); gathered for a
+# whole chunk of all heads they stream through main memory twice (written by the gather, read by
+# the attention kernel), and on CPU that made the branch ~2x slower than its arithmetic. A tile
+# of one head and a few query blocks is read back while it is still in the cache.
+TILE_ELEMENTS = 1 << 19
+
+
+def selected_block_tiles(kb: torch.Tensor, vb: torch.Tensor, index: torch.Tensor, buffer: Optional[Buffer] = None,
+                         tile_elements: int = TILE_ELEMENTS) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor]]:
+    """The selected keys/values of every query block, one cache-sized tile at a time.
+
+    ``kb, vb [G, n, bt, d]`` key/value blocks per head (G = batch x heads), ``index [G, c, k]``
+    the key blocks of c query blocks. Yields ``(g, s, e, keys, values)``: head g's query blocks
+    ``s:e`` and their gathered ``[e - s, k*bt, d]`` keys and values (the blocks concatenated in
+    ``index`` order), written into ``buffer`` tensors reused by the next tile when given — consume
+    each tile before advancing."""
+    g_count, n, bt, d = kb.shape
+    c, k = index.shape[1], index.shape[2]
+    step = max(1, tile_elements // (k * bt * d))
+    for g in range(g_count):
+        rows_k, rows_v = kb[g].reshape(n, bt * d), vb[g].reshape(n, bt * d)
+        for s in range(0, c, step):
+            e = min(c, s + step)
+            flat = index[g, s:e].reshape(-1)
+            if buffer is None:
+                ks, vs = rows_k.index_select(0, flat), rows_v.index_select(0, flat)
+            else:
+                ks = torch.index_select(rows_k, 0, flat, out=buffer("speed3r.k", (flat.numel(), bt * d), kb.dtype, kb.device))
+                vs = torch.index_select(rows_v, 0, flat, out=buffer("speed3r.v", (flat.numel(), bt * d), vb.dtype, vb.device))
+            yield g, s, e, ks.view(e - s, k * bt, d), vs.view(e - s, k * bt, d)
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, block_tokens: int,
                            scale: float, chunk_elements: int = CHUNK_ELEMENTS,
                            buffer: Optional[Buffer] = None) -> torch.Tensor:
@@ -147,26 +180,18 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
     to all tokens of the key blocks ``index[..., m, :]`` (a repeated block counts repeatedly).
 
     ``q, k, v [B, H, N, d]`` with N a multiple of ``block_tokens``, ``index [B, H, N/bt, k]``
-    -> ``[B, H, N, d]``."""
+    -> ``[B, H, N, d]``. Gathered keys exist one tile at a time (:func:`selected_block_tiles`;
+    ``chunk_elements`` bounds a tile's floats when it is the smaller budget)."""
     b, h, n_tok, d = q.shape
     bt = block_tokens
     n = n_tok // bt
-    top = index.shape[-1]
-    kb = k.reshape(b, h, n, bt, d)
-    vb = v.reshape(b, h, n, bt, d)
+    kb = k.reshape(b * h, n, bt, d)
+    vb = v.reshape(b * h, n, bt, d)
     qb = q.reshape(b * h, n, bt, d)
     out = torch.empty(b * h, n, bt, d, dtype=q.dtype, device=q.device)
-    per_block = b * h * top * bt * max(d, bt)
-    for s, e in chunk_ranges(n, per_block, chunk_elements):
-        idx = index[:, :, s:e]
-        shape = (b, h, e - s, top * bt, d)
-        if buffer is not None:
-            ks = gather_blocks(kb, idx, buffer("speed3r.k", shape, k.dtype, k.device))
-            vs = gather_blocks(vb, idx, buffer("speed3r.v", shape, v.dtype, v.device))
-        else:
-            ks, vs = gather_blocks(kb, idx), gather_blocks(vb, idx)
-        ks, vs = ks.view(b * h, e - s, top * bt, d), vs.view(b * h, e - s, top * bt, d)
-        out[:, s:e] = F.scaled_dot_product_attention(qb[:, s:e], ks, vs, scale=scale)
+    tiles = selected_block_tiles(kb, vb, index.reshape(b * h, n, -1), buffer, min(TILE_ELEMENTS, chunk_elements))
+    for g, s, e, ks, vs in tiles:
+        out[g, s:e] = F.scaled_dot_product_attention(qb[g, s:e], ks, vs, scale=scale)
     return out.view(b, h, n_tok, d)
 
 
