@@ -54,7 +54,7 @@ from spark3r.models.layers.layout import TokenLayout
 from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, TILE_ELEMENTS, chunk_ranges, gated_sparse_attention,
                                                     selected_block_tiles, topk_key_blocks)
 
-from .common import Workspace, check_qkv, exact_attention, layout_key
+from .common import Workspace, check_qkv, exact_attention, gather_rows, layout_key
 from .op import AttentionCost, attention_matmul_flops, dense_cost
 
 
@@ -192,18 +192,22 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return out, (top + total.log()).squeeze(-1)
 
 
-def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention over the union of disjoint key sets from each set's ``(out, lse)``
-    (shapes broadcastable): ``sum_i exp(lse_i - L) out_i / sum_i exp(lse_i - L)``."""
+    (shapes broadcastable to the first part's): ``sum_i exp(lse_i - L) out_i / sum_i exp(lse_i - L)``,
+    accumulated in fp32 in place (into ``out`` when given: an fp32 buffer of the first part's shape)."""
     top = parts[0][1]
     for _, lse in parts[1:]:
         top = torch.maximum(top, lse)
-    num, den = 0, 0
-    for out, lse in parts:
-        w = (lse - top).exp()
-        num = num + w[..., None] * out.float()
+    weights = [(lse - top).exp() for _, lse in parts]
+    den = weights[0]
+    for w in weights[1:]:
         den = den + w
-    return (num / den[..., None]).to(parts[0][0].dtype)
+    first = parts[0][0]
+    num = torch.mul(first.float(), weights[0][..., None], out=out)
+    for (o, _), w in zip(parts[1:], weights[1:]):
+        num.addcmul_(o.float(), w[..., None])
+    return num.div_(den[..., None]).to(first.dtype)
 
 
 def _scratch(buffer, name: str, shape: tuple, dtype, device) -> torch.Tensor:
@@ -221,12 +225,18 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     nk = table.key_blocks.numel()
     if nb == 0:
         return exact_attention(q, k, v, scale)
-    flat = table.tokens.reshape(-1)
-    qb, kb, vb = (t.index_select(2, flat).view(b, h, nb, bt, d) for t in (q, k, v))
-    slot_weight = (table.valid.float() / table.sizes[:, None])[..., None]  # masked mean
-    q_pool = (qb.float() * slot_weight).sum(-2)
-    key_weight = slot_weight.index_select(0, table.key_blocks)
-    k_pool, v_pool = ((t.index_select(2, table.key_blocks).float() * key_weight).sum(-2) for t in (kb, vb))
+    buffer = torch.empty if workspace is None else workspace.buffer
+    flat = table.tokens.reshape(-1).expand(b, h, -1)
+    qb, kb, vb = (gather_rows(t, flat, None if workspace is None else workspace.buffer(f"speed3r.{name}b", (b, h, nb * bt, d),
+                                                                                        t.dtype, t.device))
+                  .view(b, h, nb, bt, d) for name, t in (("q", q), ("k", k), ("v", v)))
+    # Masked block means as one batched mat-vec per block (no [B, H, nb, bt, d] product temporary).
+    slot_weight = (table.valid.float() / table.sizes[:, None])[:, None, :]  # [nb, 1, bt]
+    q_pool = torch.matmul(slot_weight, qb.float()).squeeze(-2)
+    all_keys = nk == nb  # no anchor frames: every block is a key block
+    key_weight = slot_weight if all_keys else slot_weight.index_select(0, table.key_blocks)
+    k_pool, v_pool = (torch.matmul(key_weight, (t if all_keys else t.index_select(2, table.key_blocks)).float()).squeeze(-2)
+                      for t in (kb, vb))
     log_sizes = table.sizes.index_select(0, table.key_blocks).log()
     key_bias = None
     if table.padded:
@@ -254,7 +264,6 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             logits = torch.matmul(q_pool[:, :, s:e], k_pool_t)  # [B, H, c, nk], mean logits of block pairs
             index = topk_key_blocks(logits, top)
             rows = table.key_blocks[index].view(b * h, c, top)
-            buffer = torch.empty if workspace is None else workspace.buffer
             o_sel = _scratch(buffer, "speed3r.o_sel", (b * h, c, bt, d), q.dtype, q.device)
             lse_sel = _scratch(buffer, "speed3r.lse_sel", (b * h, c, bt), torch.float32, q.device)
             q_chunk = qb[:, :, s:e].reshape(b * h, c, bt, d)
@@ -272,7 +281,8 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                 lse = torch.logsumexp(w, dim=-1)
                 o = torch.matmul(torch.softmax(w, dim=-1), v_pool)
                 parts.append((o[:, :, :, None, :], lse[:, :, :, None]))
-        merged = merge_partial_attention(parts)  # [B, H, c, bt, d]
+        merged = merge_partial_attention(parts, None if workspace is None else  # [B, H, c, bt, d]
+                                         workspace.buffer("speed3r.merged", (b, h, c, bt, d), torch.float32, q.device))
         if table.padded:
             valid = table.valid[s:e]
             out[:, :, table.tokens[s:e][valid]] = merged[:, :, valid]
