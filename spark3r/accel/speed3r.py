@@ -264,16 +264,17 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             logits = torch.matmul(q_pool[:, :, s:e], k_pool_t)  # [B, H, c, nk], mean logits of block pairs
             index = topk_key_blocks(logits, top)
             rows = table.key_blocks[index].view(b * h, c, top)
-            o_sel = _scratch(buffer, "speed3r.o_sel", (b * h, c, bt, d), q.dtype, q.device)
-            lse_sel = _scratch(buffer, "speed3r.lse_sel", (b * h, c, bt), torch.float32, q.device)
-            q_chunk = qb[:, :, s:e].reshape(b * h, c, bt, d)
+            o_sel = _scratch(buffer, "speed3r.o_sel", (b * h * c, bt, d), q.dtype, q.device)
+            lse_sel = _scratch(buffer, "speed3r.lse_sel", (b * h * c, bt), torch.float32, q.device)
+            q_chunk = qb[:, :, s:e].reshape(b * h * c, bt, d)
+            flat_rows = rows.view(b * h * c, top)
             tiles = selected_block_tiles(kb_heads, vb_heads, rows, None if workspace is None else workspace.buffer, tile)
-            for g, ts, te, ks, vs in tiles:
+            for ts, te, ks, vs in tiles:
                 bias = None
                 if key_bias is not None:
-                    bias = key_bias.index_select(0, rows[g, ts:te].reshape(-1)).view(1, te - ts, 1, top * bt)
-                o_t, lse_t = attend_with_lse(q_chunk[g, ts:te][None], ks[None], vs[None], scale, bias)
-                o_sel[g, ts:te], lse_sel[g, ts:te] = o_t[0], lse_t[0]
+                    bias = key_bias.index_select(0, flat_rows[ts:te].reshape(-1)).view(1, te - ts, 1, top * bt)
+                o_t, lse_t = attend_with_lse(q_chunk[ts:te][None], ks[None], vs[None], scale, bias)
+                o_sel[ts:te], lse_sel[ts:te] = o_t[0], lse_t[0]
             parts.append((o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt)))
             if top < nk:
                 # Every unselected block as one key: logit = mean logit + log(size), value = mean value.

@@ -140,37 +140,39 @@ def gather_blocks(blocks: torch.Tensor, index: torch.Tensor, out: Optional[torch
     return out.view(b, h, c, k * bt, d)
 
 
-# Floats per gathered key (and value) tile of the selection branch: 2 MiB in fp32. The gathered
-# keys are top_k/1 times the size of the keys themselves (32x at the defaults); gathered for a
-# whole chunk of all heads they stream through main memory twice (written by the gather, read by
+# Floats per gathered key (and value) tile of the selection branch and thread: 2 MiB in fp32. The
+# gathered keys are top_k times the size of a block's own keys (32x at the defaults); gathered for
+# a whole chunk of all heads they stream through main memory twice (written by the gather, read by
 # the attention kernel), and on CPU that made the branch ~2x slower than its arithmetic. A tile
-# of one head and a few query blocks is read back while it is still in the cache.
+# of a few query blocks per thread is read back while it is still in the cache.
 TILE_ELEMENTS = 1 << 19
 
 
 def selected_block_tiles(kb: torch.Tensor, vb: torch.Tensor, index: torch.Tensor, buffer: Optional[Buffer] = None,
-                         tile_elements: int = TILE_ELEMENTS) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor]]:
+                         tile_elements: int = TILE_ELEMENTS) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """The selected keys/values of every query block, one cache-sized tile at a time.
 
     ``kb, vb [G, n, bt, d]`` key/value blocks per head (G = batch x heads), ``index [G, c, k]``
-    the key blocks of c query blocks. Yields ``(g, s, e, keys, values)``: head g's query blocks
-    ``s:e`` and their gathered ``[e - s, k*bt, d]`` keys and values (the blocks concatenated in
-    ``index`` order), written into ``buffer`` tensors reused by the next tile when given — consume
-    each tile before advancing."""
+    the key blocks of c query blocks per head. Yields ``(s, e, keys, values)``: the query blocks
+    ``s:e`` of the flattened ``[G * c]`` and their gathered ``[e - s, k*bt, d]`` keys and values
+    (the blocks concatenated in ``index`` order), written into ``buffer`` tensors reused by the
+    next tile when given — consume each tile before advancing. A tile holds ``tile_elements``
+    floats per thread (at least one query block)."""
     g_count, n, bt, d = kb.shape
     c, k = index.shape[1], index.shape[2]
-    step = max(1, tile_elements // (k * bt * d))
-    for g in range(g_count):
-        rows_k, rows_v = kb[g].reshape(n, bt * d), vb[g].reshape(n, bt * d)
-        for s in range(0, c, step):
-            e = min(c, s + step)
-            flat = index[g, s:e].reshape(-1)
-            if buffer is None:
-                ks, vs = rows_k.index_select(0, flat), rows_v.index_select(0, flat)
-            else:
-                ks = torch.index_select(rows_k, 0, flat, out=buffer("speed3r.k", (flat.numel(), bt * d), kb.dtype, kb.device))
-                vs = torch.index_select(rows_v, 0, flat, out=buffer("speed3r.v", (flat.numel(), bt * d), vb.dtype, vb.device))
-            yield g, s, e, ks.view(e - s, k * bt, d), vs.view(e - s, k * bt, d)
+    step = max(1, tile_elements * max(1, torch.get_num_threads()) // (k * bt * d))
+    head = torch.arange(g_count, device=index.device).view(g_count, 1, 1) * n
+    flat = (index + head).reshape(g_count * c, k)
+    rows_k, rows_v = kb.reshape(g_count * n, bt * d), vb.reshape(g_count * n, bt * d)
+    for s in range(0, g_count * c, step):
+        e = min(g_count * c, s + step)
+        rows = flat[s:e].reshape(-1)
+        if buffer is None:
+            ks, vs = rows_k.index_select(0, rows), rows_v.index_select(0, rows)
+        else:
+            ks = torch.index_select(rows_k, 0, rows, out=buffer("speed3r.k", (rows.numel(), bt * d), kb.dtype, kb.device))
+            vs = torch.index_select(rows_v, 0, rows, out=buffer("speed3r.v", (rows.numel(), bt * d), vb.dtype, vb.device))
+        yield s, e, ks.view(e - s, k * bt, d), vs.view(e - s, k * bt, d)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, block_tokens: int,
@@ -187,11 +189,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
     n = n_tok // bt
     kb = k.reshape(b * h, n, bt, d)
     vb = v.reshape(b * h, n, bt, d)
-    qb = q.reshape(b * h, n, bt, d)
-    out = torch.empty(b * h, n, bt, d, dtype=q.dtype, device=q.device)
+    qb = q.reshape(b * h * n, bt, d)
+    out = torch.empty(b * h * n, bt, d, dtype=q.dtype, device=q.device)
     tiles = selected_block_tiles(kb, vb, index.reshape(b * h, n, -1), buffer, min(TILE_ELEMENTS, chunk_elements))
-    for g, s, e, ks, vs in tiles:
-        out[g, s:e] = F.scaled_dot_product_attention(qb[g, s:e], ks, vs, scale=scale)
+    for s, e, ks, vs in tiles:
+        out[s:e] = F.scaled_dot_product_attention(qb[s:e], ks, vs, scale=scale)
     return out.view(b, h, n_tok, d)
 
 
