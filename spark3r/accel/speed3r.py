@@ -37,8 +37,9 @@ are windows of the row-major patch grid of every non-reference frame; windows at
 bottom edge of a grid that is not a multiple of the window are smaller (masked, and their pooled
 logit bias uses their true size).
 
-Memory: the pooled logits, the gathered keys and the selection logits exist only for a chunk of
-query blocks at a time (``chunk_elements`` floats per intermediate), so 8k+ tokens never
+Memory: the pooled logits exist only for a chunk of query blocks at a time (``chunk_elements``
+floats per intermediate), the gathered keys of the selected blocks for one cache-sized tile
+(:func:`~spark3r.models.layers.sparse_attention.selected_block_tiles`), so 8k+ tokens never
 materialise a tokens x tokens or blocks x top_k x tokens tensor. Pure PyTorch, any device/dtype;
 the pooled branch and all softmax statistics are computed in fp32.
 """
