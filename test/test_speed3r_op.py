@@ -10,7 +10,8 @@ from spark3r import accel
 from spark3r.accel.speed3r import Speed3RConfig, Speed3ROp, block_table, training_free_attention
 from spark3r.models.layers.layout import TokenLayout
 from spark3r.models.layers.sparse_attention import (block_sparse_attention, gated_combine, pooled_attention,
-                                                    pooled_positions, topk_key_blocks, window_major_permutation)
+                                                    pooled_positions, selected_block_tiles, topk_key_blocks,
+                                                    window_major_permutation)
 from spark3r.models import load_pretrained
 from spark3r.models.layers.attention import Attention, AttentionLayerInputs
 from spark3r.models.layers.rope import RoPE2D, grid_positions
@@ -86,6 +87,40 @@ def test_block_sparse_attention_is_one_softmax_over_the_selected_blocks():
             keys = torch.cat([torch.arange(b * bt, b * bt + bt) for b in index[0, h, m].tolist()])
             ref = dense(q[:, h:h + 1, m * bt:(m + 1) * bt], k[:, h:h + 1, keys], v[:, h:h + 1, keys], scale=0.25)
             torch.testing.assert_close(out[:, h:h + 1, m * bt:(m + 1) * bt], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_selection_tiles_cover_every_query_block_once_across_heads_with_a_reused_buffer():
+    g, n, bt, d, top = 3, 5, 4, 2, 2
+    kb, vb = torch.randn(g, n, bt, d), torch.randn(g, n, bt, d)
+    index = torch.randint(0, n, (g, n, top), generator=torch.Generator().manual_seed(3))
+    store = {}
+
+    def buffer(name, shape, dtype, device):  # one buffer per name, reused by every tile
+        numel = math.prod(shape)
+        if name not in store or store[name].numel() < numel:
+            store[name] = torch.empty(numel, dtype=dtype)
+        return store[name][:numel].view(shape)
+
+    threads = torch.get_num_threads()
+    covered = []
+    # 7 query blocks per tile (per thread): tiles span heads and the last one is short.
+    for s, e, keys, values in selected_block_tiles(kb, vb, index, buffer, tile_elements=(7 * top * bt * d) // threads):
+        for j, flat in enumerate(range(s, e)):
+            head, block = divmod(flat, n)
+            torch.testing.assert_close(keys[j], kb[head, index[head, block]].reshape(top * bt, d), rtol=0, atol=0)
+            torch.testing.assert_close(values[j], vb[head, index[head, block]].reshape(top * bt, d), rtol=0, atol=0)
+            covered.append(flat)
+        assert keys.untyped_storage().data_ptr() == store["speed3r.k"].untyped_storage().data_ptr()
+    assert covered == list(range(g * n))
+
+
+def test_block_sparse_attention_does_not_depend_on_the_tile_size():
+    bt, n = 4, 6
+    q, k, v = qkv(2, 2, n * bt, 8, seed=4)
+    index = torch.randint(0, n, (2, 2, n, 3), generator=torch.Generator().manual_seed(5))
+    one_block = block_sparse_attention(q, k, v, index, bt, scale=0.3, chunk_elements=1)
+    spanning_heads = block_sparse_attention(q, k, v, index, bt, scale=0.3, chunk_elements=3 * bt * 8 * 9)
+    torch.testing.assert_close(spanning_heads, one_block, atol=1e-6, rtol=1e-5)
 
 
 def test_gated_combine_interleaves_gate_channels_per_head():
@@ -299,6 +334,20 @@ def test_op_prices_pooled_attention_and_blocks():
     m = learned.num_tokens
     assert (cost.queries, cost.keys) == (m, 512) and cost.attention == 4 * 16 * m * 512 * d
     assert cost.overhead == 16 * (6 * m * d + 4 * (m // 16) ** 2 * d) + 2 * m * 16 * d * 32
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reused_buffers_give_the_fresh_tensor_result_call_after_call(layout):
+    # Small chunks and tiles, so that buffers are reused across chunks, tiles and calls.
+    op = Speed3ROp(Speed3RConfig(top_k=2, anchor_every=2), chunk_elements=3000)
+    q, k, v = qkv(1, 2, layout.num_tokens, 16, seed=10)
+    fresh = training_free_attention(q, k, v, layout, op.config, chunk_elements=3000)
+    with torch.no_grad():
+        first = op(q, k, v, layout).clone()
+        op(*qkv(1, 2, layout.num_tokens, 16, seed=11), layout)  # other data through the same buffers
+        again = op(q, k, v, layout)
+    torch.testing.assert_close(first, fresh, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(again, fresh, atol=1e-6, rtol=1e-5)
 
 
 def test_gradients_flow_through_the_training_free_op():
