@@ -125,21 +125,6 @@ def pooled_attention(q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, to
     return out, index
 
 
-def gather_blocks(blocks: torch.Tensor, index: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gather whole blocks: ``blocks [B, H, n, bt, d]``, ``index [B, H, c, k]`` -> ``[B, H, c, k*bt, d]``
-    (one ``index_select`` over the blocks of all heads; into ``out`` when given — a buffer reused
-    across chunks costs no page faults, which on CPU are as slow as the copy itself)."""
-    b, h, n, bt, d = blocks.shape
-    c, k = index.shape[2], index.shape[3]
-    head = torch.arange(b * h, device=index.device).view(b, h, 1, 1) * n
-    flat = (index + head).reshape(-1)
-    rows = blocks.reshape(b * h * n, bt * d)
-    if out is None:
-        return rows.index_select(0, flat).view(b, h, c, k * bt, d)
-    torch.index_select(rows, 0, flat, out=out.view(-1, bt * d))
-    return out.view(b, h, c, k * bt, d)
-
-
 # Floats per gathered key (and value) tile of the selection branch and thread: 2 MiB in fp32. The
 # gathered keys are top_k times the size of a block's own keys (32x at the defaults); gathered for
 # a whole chunk of all heads they stream through main memory twice (written by the gather, read by
