@@ -271,13 +271,16 @@ def sample_motion(seed: int, num_frames: int, room_min: np.ndarray, room_max: np
     step = float(np.exp(rng.uniform(np.log(0.02), np.log(0.3))))  # metres per frame: slow .. fast
     turn = float(np.radians(np.exp(rng.uniform(np.log(0.3), np.log(8.0)))))  # rad per frame
     i = np.arange(n, dtype=np.float64)
+    # Distance / angle travelled: the rate varies smoothly (accelerating, braking), so a camera's
+    # next pose is not simply its last motion repeated.
+    progress = np.concatenate([[0.0], np.cumsum(1.0 + 0.6 * _smooth_noise(rng, n))[:-1]])
     poses = np.empty((n, 4, 4))
     if kind == "orbit":
         target = rng.uniform(lo, hi)
         target[2] = rng.uniform(0.3, 1.5)
         r_max = max(0.5, min(np.min(target[:2] - lo[:2]), np.min(hi[:2] - target[:2])))
         radius = rng.uniform(0.5, max(0.6, r_max))
-        angle = rng.uniform(0, 2 * np.pi) + rng.choice([-1, 1]) * step / radius * i
+        angle = rng.uniform(0, 2 * np.pi) + rng.choice([-1, 1]) * step / radius * progress
         height = rng.uniform(lo[2], hi[2]) + 0.1 * _smooth_noise(rng, n)
         eyes = np.stack([target[0] + radius * np.cos(angle), target[1] + radius * np.sin(angle), height], -1)
         eyes = np.clip(eyes, lo, hi)
@@ -291,7 +294,8 @@ def sample_motion(seed: int, num_frames: int, room_min: np.ndarray, room_max: np
         heading = np.stack([np.cos(yaw), np.sin(yaw), np.zeros(n)], -1)
         start = rng.uniform(lo, hi)
         start[2] = rng.uniform(max(lo[2], 1.0), max(lo[2], min(hi[2], 1.8)) + 1e-6)
-        eyes = _reflect_into(start + np.cumsum(step * heading, 0) - step * heading[0], lo, hi)
+        rate = np.diff(progress, append=progress[-1] + 1.0)[:, None]
+        eyes = _reflect_into(start + np.cumsum(step * rate * heading, 0) - step * rate[0] * heading[0], lo, hi)
         eyes[:, 2] += 0.02 * np.sin(2.5 * i)  # head bob
         eyes = np.clip(eyes, lo, hi)
         # Look where the path goes (finite differences survive the reflections).
@@ -314,7 +318,7 @@ def sample_motion(seed: int, num_frames: int, room_min: np.ndarray, room_max: np
     else:  # near-pure rotation: a tripod pan with a few millimetres of wobble
         eye = rng.uniform(lo, hi)
         eyes = eye + 0.005 * np.stack([_smooth_noise(rng, n) for _ in range(3)], -1)
-        yaw = rng.uniform(0, 2 * np.pi) + rng.choice([-1, 1]) * turn * 1.5 * i
+        yaw = rng.uniform(0, 2 * np.pi) + rng.choice([-1, 1]) * turn * 1.5 * progress
         pitch = np.radians(rng.uniform(-20, 10)) + np.radians(8) * _smooth_noise(rng, n)
         for k in range(n):
             poses[k] = camera_pose(eyes[k], yaw[k], pitch[k])

@@ -27,6 +27,27 @@ _VGGT_TINY = VGGTConfig(
     enable_track=False,
 )
 
+# vggt-nano: the VGGT architecture at 3.8 M parameters, trained here from scratch on procedural
+# scenes (spark3r train) at 140 px wide inputs -- its position embedding is a 10x10 grid. Two
+# 64-d heads everywhere, 4 encoder and 4 alternating-attention layers, 32-feature DPT depth head.
+# No point head (the mapper decodes camera + depth; a depth map unprojected with the predicted
+# camera is VGGT's preferred point cloud anyway) and no track head.
+_VGGT_NANO = VGGTConfig(
+    img_size=140,
+    embed_dim=128,
+    depth=4,
+    num_heads=2,
+    encoder_depth=4,
+    encoder_num_heads=2,
+    camera_trunk_depth=1,
+    camera_num_heads=4,
+    dpt_features=32,
+    dpt_out_channels=(16, 32, 64, 64),
+    dpt_layers=(0, 1, 2, 3),
+    enable_point=False,
+    enable_track=False,
+)
+
 # pi3-tiny is exactly the `pi3_tiny` golden configuration: ViT-S/14-reg encoder, a 4-block 384-d
 # decoder, 2-block 256-d heads (camera head 128-d).
 _PI3_TINY = Pi3Config(
@@ -59,6 +80,7 @@ _DA3 = {
 _PRESETS: dict[str, tuple[Callable[..., nn.Module], object]] = {
     "vggt-1b": (VGGT, VGGTConfig()),
     "vggt-tiny": (VGGT, _VGGT_TINY),
+    "vggt-nano": (VGGT, _VGGT_NANO),
     "pi3": (Pi3, Pi3Config()),
     "pi3-tiny": (Pi3, _PI3_TINY),
     **{name: (DepthAnything3, cfg) for name, cfg in _DA3.items()},
@@ -68,6 +90,7 @@ _PRESETS: dict[str, tuple[Callable[..., nn.Module], object]] = {
 DEFAULT_SOURCES: dict[str, Optional[str]] = {
     "vggt-1b": "facebook/VGGT-1B",
     "vggt-tiny": None,
+    "vggt-nano": "builtin",  # shipped inside the package (spark3r/models/builtin/)
     "pi3": "yyfz233/Pi3",
     "pi3-tiny": None,
     "da3-small": "depth-anything/DA3-SMALL",
