@@ -22,6 +22,9 @@ from torch import nn
 
 from .registry import DEFAULT_SOURCES, HF_MODEL_NAMES, build_model
 
+# Entries under this prefix in a .safetensors file are a training run's optimizer state (a
+# shipped checkpoint that `spark3r train --resume` can continue), not model weights.
+TRAINING_STATE_PREFIX = "train_state."
 _WEIGHT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
 
 
@@ -92,6 +95,8 @@ def _table_from_safetensors(path: Path) -> _Table:
         keys = list(handle.keys())
         table: _Table = {}
         for k in keys:
+            if k.startswith(TRAINING_STATE_PREFIX):
+                continue
             table[k] = (tuple(handle.get_slice(k).get_shape()), (lambda k=k: handle.get_tensor(k)))
         return table
     except Exception as exc:  # safetensors raises its own error types for corrupt headers

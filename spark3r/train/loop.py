@@ -38,7 +38,7 @@ from .evaluate import EvalConfig, evaluate_windows, floor_check, heldout_windows
 from .objective import ObjectiveConfig, compute_objective
 
 CHECKPOINT_FORMAT = "spark3r-train-v1"
-TRAIN_STATE_PREFIX = "train_state."  # optimizer entries inside a shipped .safetensors
+from spark3r.models.checkpoints import TRAINING_STATE_PREFIX as TRAIN_STATE_PREFIX  # noqa: E402
 
 
 @dataclass(frozen=True)
