@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .builtin import BUILTIN, builtin_checkpoint_path
 from .registry import DEFAULT_SOURCES, HF_MODEL_NAMES, build_model
 
 # Entries under this prefix in a .safetensors file are a training run's optimizer state (a
@@ -399,6 +400,9 @@ def load_pretrained(
     ``preset=None`` takes the preset from the checkpoint directory's ``config.json`` (DA3's
     ``model_name``); a declared ``model_name`` that contradicts ``preset`` is refused.
 
+    ``source="builtin"`` loads the checkpoint shipped in the package (``spark3r/models/builtin/``;
+    vggt-nano, trained here on procedural scenes).
+
     ``source="seeded"`` gives the deterministic seeded-v1 synthetic weights (tests, demos and
     benchmarks without real checkpoints; never meaningful geometry).
 
@@ -415,6 +419,8 @@ def load_pretrained(
         source = DEFAULT_SOURCES.get(preset)
         if source is None:
             raise ValueError(f"preset {preset!r} has no published checkpoint; pass source=<file or state dict>")
+    if isinstance(source, str) and source == BUILTIN:
+        source = builtin_checkpoint_path(preset)
     if isinstance(source, str) and source == SEEDED:
         from spark3r.seeded import load_seeded_v1
 

@@ -99,6 +99,17 @@ DEFAULT_SOURCES: dict[str, Optional[str]] = {
     "da3-giant": "depth-anything/DA3-GIANT-1.1",
 }
 
+# Network input width (pixels) each preset was trained at: the released models 518, vggt-nano
+# its training width. The mapper uses it when the user sets no image_width.
+NATIVE_WIDTHS: dict[str, int] = {
+    "vggt-1b": 518,
+    "vggt-tiny": 518,
+    "vggt-nano": 140,
+    "pi3": 518,
+    "pi3-tiny": 518,
+    **{name: 518 for name in _DA3},
+}
+
 # DA3 checkpoints name their architecture in config.json ("model_name": "da3-large", ...).
 HF_MODEL_NAMES: dict[str, str] = {name: name for name in _DA3}
 
@@ -123,6 +134,13 @@ def inference_overrides(preset: str, outputs: Optional[tuple[str, ...]] = None) 
     if family == "vggt" and outputs is not None:
         overrides.update({flag: False for head, flag in _VGGT_HEAD_FLAGS.items() if head not in outputs})
     return overrides
+
+
+def native_width(preset: str) -> int:
+    """Input width (pixels, a multiple of 14) ``preset`` was trained at."""
+    if preset not in _PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; available: {', '.join(list_presets())}")
+    return NATIVE_WIDTHS[preset]
 
 
 def list_presets() -> list[str]:
