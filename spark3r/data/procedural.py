@@ -464,13 +464,15 @@ def render_scene_view(scene: Scene, c2w: np.ndarray, K: np.ndarray, height: int,
 
 
 def render_procedural(seed: int, num_frames: int, height: int, width: int, *, motion: str | None = None,
-                      fov_deg: float | None = None) -> SyntheticSequence:
+                      fov_deg: float | None = None, fps: float = FPS) -> SyntheticSequence:
     """Render ``num_frames`` views of procedural scene ``seed`` (see the module docstring).
 
     The scene, the motion kind and speed and the field of view are drawn from ``seed``;
-    ``motion`` (one of :data:`MOTIONS`) and ``fov_deg`` override the draw. The same arguments
-    always give identical bytes.
+    ``motion`` (one of :data:`MOTIONS`) and ``fov_deg`` override the draw. Motion is defined per
+    frame; ``fps`` only sets the stamps. The same arguments always give identical bytes.
     """
+    if not np.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
     _check_seed(seed)
     _check_size(height, width)
     if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
@@ -487,9 +489,9 @@ def render_procedural(seed: int, num_frames: int, height: int, width: int, *, mo
         images[i], depth[i] = render_scene_view(scene, c2w[i], K, height, width)
     base_to_camera = base_to_camera_transform()
     return SyntheticSequence(
-        images=images, depth=depth, K=K, c2w=c2w, stamps_ns=frame_stamps_ns(num_frames, FPS),
+        images=images, depth=depth, K=K, c2w=c2w, stamps_ns=frame_stamps_ns(num_frames, fps),
         scene_extent=float(np.linalg.norm(scene.room_max - scene.room_min)),
         scene_bounds=np.stack([scene.room_min, scene.room_max]).astype(np.float64),
-        base_to_camera=base_to_camera, base_c2w=c2w @ invert_rigid(base_to_camera), fps=FPS, trajectory=kind,
+        base_to_camera=base_to_camera, base_c2w=c2w @ invert_rigid(base_to_camera), fps=float(fps), trajectory=kind,
         seed=int(seed),
     )
