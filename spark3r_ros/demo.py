@@ -274,6 +274,24 @@ def map_depth_error(cloud_xyz: np.ndarray, trajectory_path: Path, seq, max_point
             "within_5pct": float(np.mean(best[seen] < 0.05))}
 
 
+def write_plots(out: Path, cloud, trajectory_path: Path, seq) -> list[str]:
+    """``trajectory_top.png`` (keyframes vs ground truth after Sim(3), coloured by ATE) and
+    ``map_top.png`` (the map rendered from above with the keyframe path). Empty without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    from spark3r.data.io import read_tum_trajectory
+    from spark3r.eval.plots import plot_map_top_view, plot_trajectory_top_view
+    from spark3r.eval.trajectory import evaluate_trajectory
+
+    stamps, poses = read_tum_trajectory(trajectory_path)
+    result = evaluate_trajectory(stamps, poses, seq.stamps_ns, seq.c2w)
+    plot_trajectory_top_view(result, out / "trajectory_top.png")
+    plot_map_top_view(cloud.xyz, cloud.rgb, out / "map_top.png", trajectory=poses[:, :3, 3])
+    return ["trajectory_top.png", "map_top.png"]
+
+
 def run(args) -> int:
     apply_loopback_env()
     import rclpy
@@ -349,7 +367,9 @@ def run(args) -> int:
                 if (out / "map.ply").is_file():
                     from spark3r.data.io import read_ply
 
-                    report["map_depth"] = map_depth_error(read_ply(out / "map.ply").xyz, trajectory, seq)
+                    cloud = read_ply(out / "map.ply")
+                    report["map_depth"] = map_depth_error(cloud.xyz, trajectory, seq)
+                    report["plots"] = write_plots(out, cloud, trajectory, seq)
             except (ValueError, KeyError, np.linalg.LinAlgError) as exc:
                 report["ate_error"] = f"{type(exc).__name__}: {exc}"
         ok = bool(response.success) and (out / "map.ply").is_file() and trajectory.is_file() \
