@@ -422,7 +422,7 @@ def load_pretrained(
     if isinstance(source, str) and source == BUILTIN:
         source = builtin_checkpoint_path(preset)
     if isinstance(source, str) and source == SEEDED:
-        from spark3r.seeded import load_seeded_v1
+        from .seeded import load_seeded_v1
 
         return load_seeded_v1(build_model(preset, **overrides)).to(device=device, dtype=dtype)
     model = build_model(preset, device="meta", **overrides)

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from spark3r.data.procedural import HELDOUT_SEED_LIMIT, render_procedural
-from spark3r.models.camera import pose_encoding_to_extrinsics_intrinsics
 
 PATCH = 14
 
@@ -142,15 +141,12 @@ def constant_velocity_c2w(gt_c2w: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def predict_window(model, images_uint8: np.ndarray, device="cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(depth [S,H,W], c2w [S,4,4]) predicted by a VGGT-family ``model`` for uint8 images."""
+    """(depth [S,H,W], c2w [S,4,4]) predicted by a backbone ``model`` for uint8 images [S,H,W,3]
+    (its own ``decode`` gives the common convention)."""
     x = torch.from_numpy(images_uint8).to(device).permute(0, 3, 1, 2).float() / 255.0
     dtype = next(model.parameters()).dtype
-    out = model(x.to(dtype), heads=("camera", "depth"))
-    h, w = images_uint8.shape[1:3]
-    ext, _ = pose_encoding_to_extrinsics_intrinsics(out["pose_enc"][0].double(), (h, w))
-    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=ext.dtype, device=ext.device).expand(ext.shape[0], 1, 4)
-    c2w = torch.linalg.inv(torch.cat([ext, bottom], dim=1))
-    return out["depth"][0, ..., 0].float().cpu().numpy(), c2w.cpu().numpy()
+    out = model.decode(model(x.to(dtype), heads=("camera", "depth")), images_uint8.shape[1:3])
+    return out.depth[0].float().cpu().numpy(), out.c2w[0].double().cpu().numpy()
 
 
 def _window_metrics(depth_pred, c2w_pred, seq, min_baseline) -> dict[str, float]:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spark3r.models.registry import build_model, model_family
+from spark3r.models.registry import build_model, preset_class
+from spark3r.models.vggt import VGGT
 
 from .data import BatchStream, DataConfig
 from .evaluate import EvalConfig, evaluate_windows, floor_check, heldout_windows, write_json
@@ -62,7 +63,7 @@ class TrainConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if model_family(self.preset) != "vggt":
+        if not issubclass(preset_class(self.preset), VGGT):
             raise ValueError(f"spark3r train supports the VGGT family (its objective); got preset {self.preset!r}")
         for name in ("steps", "ckpt_every", "eval_every", "log_every", "keep_checkpoints"):
             v = getattr(self, name)
