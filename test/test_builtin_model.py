@@ -63,3 +63,14 @@ def test_mapper_backbone_with_checkpoint_builtin():
     pred = bb.predict(window)
     assert np.all(np.isfinite(pred.depth)) and np.all(pred.depth > 0)
     assert pred.c2w.shape == (6, 4, 4) and np.all(np.isfinite(pred.c2w))
+
+
+@pytest.mark.parametrize("preset,width", [("vggt-nano", 140), ("vggt-tiny", 518)])
+def test_image_width_defaults_to_the_native_width(preset, width):
+    from spark3r.mapping import BackboneConfig
+    from spark3r.mapping.model_backbone import ModelBackbone
+
+    assert native_width(preset) == width
+    bb = ModelBackbone.from_config(BackboneConfig(backbone=preset, checkpoint="seeded"), 4, 2)
+    assert bb.image_width == width
+    assert ModelBackbone.from_config(BackboneConfig(backbone=preset, checkpoint="seeded", image_width=56), 4, 2).image_width == 56
