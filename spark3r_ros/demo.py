@@ -57,19 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7, help="synthetic scene seed (procedural: keep it below 100000, held out)")
     parser.add_argument("--height", type=int, default=120, help="camera image height in pixels")
     parser.add_argument("--width", type=int, default=160, help="camera image width in pixels")
-    parser.add_argument("--image-width", type=int, default=None,
-                        help="network input width for a model preset (default: the preset's native width)")
+    parser.add_argument("--image-width", type=int, default=0,
+                        help="network input width for a model preset (0 = the preset's native width)")
     parser.add_argument("--timeout", type=float, default=240.0, help="give up after this many seconds")
     args = parser.parse_args(argv)
     if args.frames < 8:
         parser.error("--frames must be >= 8 (the demo window has 8 keyframes)")
-    if args.image_width is None and args.backbone != GROUND_TRUTH:
-        from spark3r.models.registry import native_width
-
-        try:
-            args.image_width = native_width(args.backbone)
-        except ValueError as exc:
-            parser.error(str(exc))
     return args
 
 
