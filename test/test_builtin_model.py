@@ -34,6 +34,24 @@ def test_shipped_file_is_small_and_carries_the_training_state():
     assert re.search(rf"\b{run_state['step']}\b", card.replace(",", ""))
 
 
+def test_resume_builtin_restores_weights_and_optimizer_state(model):
+    from spark3r.train.checkpoint import read_resume_payload
+    from spark3r.train.loop import Trainer, TrainConfig
+
+    payload, path = read_resume_payload("builtin")
+    assert path == PATH and payload["preset"] == "vggt-nano"
+    cfg = TrainConfig.from_dict(payload["train_config"])
+    trainer = Trainer(cfg, "/nonexistent-not-written", workers=0)
+    trainer.load_state(payload)
+    assert trainer.state.step == json.loads(read_shipped_metadata(PATH)["run_state"])["step"]
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert set(payload["optimizer_moments"]) == trained
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), model.state_dict()[name]), name
+        if name in trained:
+            assert trainer.optimizer.state[p]["exp_avg_sq"].min() >= 0
+
+
 def test_loads_strictly_by_default_source(model):
     again = load_pretrained("vggt-nano")  # the preset's default source is the built-in file
     sd, sd2 = model.state_dict(), again.state_dict()
