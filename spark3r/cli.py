@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "map": ("spark3r.offline.cli", "map a bag / TUM folder / image folder / video offline with the node's mapper"),
     "eval": ("spark3r.eval.cli", "ATE/RPE, depth and cloud metrics of a map output against ground truth"),
     "distill": ("spark3r.distill.cli", "train Speed3R's sparse global layers to imitate the dense model (resumable)"),
+    "train": ("spark3r.train.cli", "train a VGGT-family preset on procedural scenes (checkpoints, resume, held-out eval)"),
+    "train-eval": ("spark3r.train.eval_cli", "held-out depth / pose metrics of a checkpoint vs trivial baselines (JSON)"),
+    "train-export": ("spark3r.train.export_cli", "export a training checkpoint as a shipped .safetensors (resumable)"),
 }
 
 

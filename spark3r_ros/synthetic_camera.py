@@ -4,7 +4,8 @@
 
 Publishes, in this order: ``/tf_static`` (``base_link -> camera_optical_frame``, the synthetic
 rig's mount; transient-local), then, once a subscriber has matched the image topic, every frame
-of :func:`spark3r.data.synthetic.render_sequence` as ``sensor_msgs/Image`` (rgb8; or
+of :func:`spark3r.data.synthetic.render_sequence` (or, with ``--scene procedural``, of
+:func:`spark3r.data.procedural.render_procedural`) as ``sensor_msgs/Image`` (rgb8; or
 ``CompressedImage`` on ``<image-topic>/compressed`` with ``--compressed``) and ``CameraInfo``,
 stamped with the sequence's own stamps, at ``--rate`` Hz of wall time. ``--repeat`` streams the
 sequence again with the same stamps (time goes backwards, like a looping bag). Exits after the
@@ -23,16 +24,26 @@ DEFAULT_CAMERA_FRAME = "camera_optical_frame"
 
 
 def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
-    scene = parser.add_argument_group("synthetic scene (spark3r.data.synthetic.render_sequence)")
+    from spark3r.data.procedural import MOTIONS
+
+    scene = parser.add_argument_group("synthetic scene (spark3r.data.synthetic / spark3r.data.procedural)")
+    scene.add_argument("--scene", default="room", choices=("room", "procedural"),
+                       help="room: the fixed furnished room (spark3r.data.synthetic); procedural: procedural scene "
+                            "--seed (spark3r.data.procedural; seeds < 100000 are never used in training)")
     scene.add_argument("--frames", type=int, default=48, help="number of frames in the sequence")
     scene.add_argument("--height", type=int, default=96)
     scene.add_argument("--width", type=int, default=128)
-    scene.add_argument("--seed", type=int, default=7, help="texture/colour/start-phase seed")
-    scene.add_argument("--trajectory", default="orbit", choices=("orbit", "forward", "static"))
+    scene.add_argument("--seed", type=int, default=7, help="room: texture/colour/start-phase seed; procedural: scene seed")
+    scene.add_argument("--trajectory", default="orbit", choices=("orbit", "forward", "static"), help="room camera path")
+    scene.add_argument("--motion", default=None, choices=MOTIONS, help="procedural camera motion (default: drawn from the seed)")
     scene.add_argument("--fps", type=float, default=10.0, help="frame rate of the stamps (scene time)")
 
 
 def render_scene(args):
+    if getattr(args, "scene", "room") == "procedural":
+        from spark3r.data.procedural import render_procedural
+
+        return render_procedural(args.seed, args.frames, args.height, args.width, motion=args.motion, fps=args.fps)
     from spark3r.data.synthetic import render_sequence
 
     return render_sequence(num_frames=args.frames, height=args.height, width=args.width, seed=args.seed,

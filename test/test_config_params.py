@@ -23,11 +23,14 @@ def test_every_numeric_parameter_has_a_doc_and_a_range(cls):
 
 def test_range_and_step_come_from_the_metadata():
     width = parameter_specs(BackboneConfig)["image_width"]
-    assert (width.range, width.step) == ((28, 4088), 14)
-    for bad in (5012, 14, 500, 56.0, True):
-        with pytest.raises(ValueError, match=r"image_width=.* expected an integer in \[28, 4088\]"):
+    assert (width.range, width.step) == ((0, 4088), 14)
+    for bad in (5012, 500, 56.0, True):
+        with pytest.raises(ValueError, match=r"image_width=.* expected an integer in \[0, 4088\]"):
             BackboneConfig(image_width=bad)
+    with pytest.raises(ValueError, match=r"image_width=14 .* expected 0 \(the preset's native width\) or an integer in \[28"):
+        BackboneConfig(image_width=14)
     assert BackboneConfig(image_width=4088).image_width == 4088
+    assert BackboneConfig().image_width == 0  # the preset's native width
     with pytest.raises(ValueError, match=r"camera_center_weight=1.0 .*\[0, 1\)"):
         WindowConfig(camera_center_weight=1.0)
     with pytest.raises(ValueError, match="dtype='float64' .*one of float32, bfloat16, float16"):
@@ -74,7 +77,7 @@ def test_spark3r_map_checks_every_parameter_before_any_work(tmp_path, capsys):
     missing = str(tmp_path / "no_such_input")  # the parameters are refused before the input is opened
     out = ["--out", str(tmp_path / "out")]
     code, err = _map([missing, *out, "--image-width", "5012"], capsys)
-    assert code == 2 and "image_width=5012 is invalid" in err and "[28, 4088]" in err and "no_such_input" not in err
+    assert code == 2 and "image_width=5012 is invalid" in err and "[0, 4088]" in err and "no_such_input" not in err
     code, err = _map([missing, *out, "--param", "window_size=5000"], capsys)
     assert code == 2 and "window_size=5000 is invalid" in err and "max_pending_keyframes=" not in err
     code, err = _map([missing, *out, "--param", "window_size=100"], capsys)

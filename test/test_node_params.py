@@ -76,7 +76,7 @@ def test_descriptors_carry_ranges_and_out_of_range_values_are_refused(ros_contex
         pct = node.describe_parameter("conf_percentile").floating_point_range[0]
         assert (pct.from_value, pct.to_value) == (0.0, 100.0)
         width = node.describe_parameter("image_width").integer_range[0]
-        assert width.step == 14 and width.from_value == 28
+        assert width.step == 14 and width.from_value == 0  # 0 = the preset's native width
         assert node.describe_parameter("queue_depth").integer_range[0].from_value == 1
     finally:
         destroy(node)

@@ -66,3 +66,36 @@ def plot_errors_over_time(result: TrajectoryResult, path) -> Path:
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def plot_map_top_view(xyz: np.ndarray, colors, path, *, trajectory: np.ndarray | None = None,
+                      ground_truth: np.ndarray | None = None, title: str = "", max_points: int = 60000) -> Path:
+    """A rendered top view (x-y) of a point map: points drawn in their colours (``colors`` uint8
+    [N,3] or None = height-coded), lower points first so the upper surfaces stay visible; camera
+    centres ``trajectory`` [M,3] (and ``ground_truth`` [M,3]) on top."""
+    plt = _pyplot()
+    xyz = np.asarray(xyz, dtype=np.float64)
+    step = max(1, len(xyz) // max_points)
+    pts = xyz[::step]
+    order = np.argsort(pts[:, 2])
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    try:
+        if colors is not None:
+            c = np.asarray(colors)[::step][order] / 255.0
+            ax.scatter(pts[order, 0], pts[order, 1], c=c, s=1.5, lw=0)
+        else:
+            ax.scatter(pts[order, 0], pts[order, 1], c=pts[order, 2], cmap="viridis", s=1.5, lw=0)
+        if ground_truth is not None:
+            ax.plot(ground_truth[:, 0], ground_truth[:, 1], "-", color="0.5", lw=1.5, label="ground-truth cameras")
+        if trajectory is not None:
+            ax.plot(trajectory[:, 0], trajectory[:, 1], "-o", color="crimson", ms=2.5, lw=1.0, label="keyframes")
+        if trajectory is not None or ground_truth is not None:
+            ax.legend(loc="best", fontsize=8)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ax.set_title(title or f"map, top view ({len(xyz)} points)", fontsize=9)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

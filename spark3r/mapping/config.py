@@ -269,9 +269,10 @@ class OutputConfig:
 @dataclass
 class BackboneConfig:
     backbone: str = param("vggt-1b", "model preset: vggt-1b, pi3, pi3-speed3r, da3-small, da3-base, da3-large, "
-                                     "da3-giant (vggt-tiny, pi3-tiny, pi3-speed3r-tiny for tests)", non_empty=True)
-    checkpoint: str = param("", "weights: a file / directory / hub id, or 'seeded' for deterministic test weights; empty = "
-                                "none (refused)")
+                                     "da3-giant, vggt-nano (built in); vggt-tiny, pi3-tiny, pi3-speed3r-tiny for tests",
+                          non_empty=True)
+    checkpoint: str = param("", "weights: a file / directory / hub id, 'builtin' for a checkpoint shipped in the package "
+                                "(vggt-nano), or 'seeded' for deterministic test weights; empty = none (refused)")
     device: str = param("cpu", "torch device, e.g. cpu or cuda:0", non_empty=True)
     dtype: str = param("float32", "compute dtype: float32, bfloat16 or float16 (half types only on CUDA)",
                        choices=("float32", "bfloat16", "float16"))
@@ -284,9 +285,10 @@ class BackboneConfig:
     reduction_params: dict = field(default_factory=dict, metadata={
         "doc": "keyword parameters of the reduction method (flat: reduction.<name>); reduction_schedule is added as "
                "'schedule'"})
-    image_width: int = param(518, "network input width in pixels (multiple of 14; rounded down to 56 for "
-                                  "pi3-speed3r); height follows the aspect ratio",
-                             range=(28, 4088), step=14)
+    image_width: int = param(0, "network input width in pixels (multiple of 14, >= 28; rounded down to a multiple of 56 "
+                                "for pi3-speed3r; 0 = the preset's native width: 518 for the released models, 140 for "
+                                "vggt-nano); height follows the aspect ratio",
+                             range=(0, 4088), step=14)
     cache_max_frames: int = param(0, "patch-embedding cache capacity in keyframes (0 = window_size + window_stride)",
                                   range=(0, 100000))
     threads: int = param(0, "CPU threads for inference (torch intra-op), set in the thread that runs the backbone before "
@@ -295,6 +297,9 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if 0 < self.image_width < 28:  # the range admits 0 (native width); a real width needs 2 patches
+            raise ValueError(f"image_width={self.image_width!r} is invalid: expected 0 (the preset's native width) or an "
+                             "integer in [28, 4088] in steps of 14")
         if not isinstance(self.reduction_params, dict):
             raise ValueError(f"reduction_params={self.reduction_params!r} is invalid: expected a dict")
         if self.reduction_schedule:

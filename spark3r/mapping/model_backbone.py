@@ -178,7 +178,7 @@ class ModelBackbone:
         """
         from .. import accel
         from ..models import load_pretrained
-        from ..models.registry import inference_overrides
+        from ..models.registry import inference_overrides, native_width
 
         if not isinstance(config, BackboneConfig):
             raise TypeError(f"config must be a BackboneConfig, got {type(config).__name__}")
@@ -195,7 +195,8 @@ class ModelBackbone:
         if config.reduction != "dense" or config.reduction_params:
             accel.apply(model, config.reduction, **config.reduction_params)
         cache = config.cache_max_frames or (window_size + window_stride)
-        return cls(model, image_width=config.image_width, cache_max_frames=cache, device=device, threads=config.threads)
+        width = config.image_width or native_width(config.backbone)
+        return cls(model, image_width=width, cache_max_frames=cache, device=device, threads=config.threads)
 
     # -- Backbone protocol ---------------------------------------------------------------------
 

@@ -20,8 +20,12 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .builtin import BUILTIN, builtin_checkpoint_path
 from .registry import DEFAULT_SOURCES, HF_MODEL_NAMES, build_model
 
+# Entries under this prefix in a .safetensors file are a training run's optimizer state (a
+# shipped checkpoint that `spark3r train --resume` can continue), not model weights.
+TRAINING_STATE_PREFIX = "train_state."
 _WEIGHT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
 
 
@@ -96,6 +100,8 @@ def _table_from_safetensors(path: Path) -> _Table:
         keys = list(handle.keys())
         table: _Table = {}
         for k in keys:
+            if k.startswith(TRAINING_STATE_PREFIX):
+                continue
             table[k] = (tuple(handle.get_slice(k).get_shape()), (lambda k=k: handle.get_tensor(k)))
         return table
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -438,6 +444,9 @@ def load_pretrained(
     and ``pi3-speed3r``) or from a published hub id; a declared ``model_name`` that contradicts
     ``preset`` is refused.
 
+    ``source="builtin"`` loads the checkpoint shipped in the package (``spark3r/models/builtin/``;
+    vggt-nano, trained here on procedural scenes).
+
     ``source="seeded"`` gives the deterministic seeded-v1 synthetic weights (tests, demos and
     benchmarks without real checkpoints; never meaningful geometry).
 
@@ -454,6 +463,8 @@ def load_pretrained(
         source = DEFAULT_SOURCES.get(preset)
         if source is None:
             raise ValueError(f"preset {preset!r} has no published checkpoint; pass source=<file or state dict>")
+    if isinstance(source, str) and source == BUILTIN:
+        source = builtin_checkpoint_path(preset)
     if isinstance(source, str) and source == SEEDED:
         from .seeded import load_seeded_v1
 

@@ -31,6 +31,27 @@ _VGGT_TINY = VGGTConfig(
     enable_track=False,
 )
 
+# vggt-nano: the VGGT architecture at 3.8 M parameters, trained here from scratch on procedural
+# scenes (spark3r train) at 140 px wide inputs -- its position embedding is a 10x10 grid. Two
+# 64-d heads everywhere, 4 encoder and 4 alternating-attention layers, 32-feature DPT depth head.
+# No point head (the mapper decodes camera + depth; a depth map unprojected with the predicted
+# camera is VGGT's preferred point cloud anyway) and no track head.
+_VGGT_NANO = VGGTConfig(
+    img_size=140,
+    embed_dim=128,
+    depth=4,
+    num_heads=2,
+    encoder_depth=4,
+    encoder_num_heads=2,
+    camera_trunk_depth=1,
+    camera_num_heads=4,
+    dpt_features=32,
+    dpt_out_channels=(16, 32, 64, 64),
+    dpt_layers=(0, 1, 2, 3),
+    enable_point=False,
+    enable_track=False,
+)
+
 # pi3-tiny is exactly the `pi3_tiny` golden configuration: ViT-S/14-reg encoder, a 4-block 384-d
 # decoder, 2-block 256-d heads (camera head 128-d).
 _PI3_TINY = Pi3Config(
@@ -85,14 +106,22 @@ DEFAULT_SOURCES: dict[str, Optional[str]] = {}
 # Checkpoints that name their architecture in config.json ("model_name": "da3-large", ...).
 HF_MODEL_NAMES: dict[str, str] = {}
 
+# Network input width (pixels) each preset was trained at: 518 for the released models, the
+# training width for vggt-nano. The mapper uses it when the user sets no image_width.
+NATIVE_WIDTHS: dict[str, int] = {}
+
 
 def register_preset(name: str, cls: type[BackboneModel], config, *, source: Optional[str] = None,
-                    hf_model_name: Optional[str] = None) -> None:
+                    hf_model_name: Optional[str] = None, native_width: int = 518) -> None:
     """Make ``build_model(name)`` build ``cls(config, preset=name)``.
 
     ``cls``: a :class:`~spark3r.models.base.BackboneModel` subclass; ``config``: its frozen config
-    dataclass. ``source``: where released weights live (hub id), for ``load_pretrained(name)``;
-    ``hf_model_name``: the ``model_name`` a checkpoint's config.json uses for this architecture."""
+    dataclass. ``source``: where released weights live (hub id, or ``"builtin"`` for a checkpoint
+    shipped in ``spark3r/models/builtin/``), for ``load_pretrained(name)``; ``hf_model_name``: the
+    ``model_name`` a checkpoint's config.json uses for this architecture; ``native_width``: the
+    input width in pixels (a multiple of 14, >= 28) the weights were trained at."""
+    if not isinstance(native_width, int) or native_width < 28 or native_width % 14:
+        raise ValueError(f"native_width must be an integer >= 28 and a multiple of 14, got {native_width!r}")
     if name in _PRESETS:
         raise ValueError(f"model preset {name!r} is already registered")
     if not (isinstance(cls, type) and issubclass(cls, BackboneModel)):
@@ -101,6 +130,7 @@ def register_preset(name: str, cls: type[BackboneModel], config, *, source: Opti
         raise TypeError(f"a preset's config must be a dataclass instance, got {type(config).__name__}")
     _PRESETS[name] = (cls, config)
     DEFAULT_SOURCES[name] = source
+    NATIVE_WIDTHS[name] = native_width
     if hf_model_name is not None:
         HF_MODEL_NAMES[hf_model_name] = name
 
@@ -111,12 +141,14 @@ def unregister_preset(name: str) -> None:
         raise ValueError(f"unknown model preset {name!r}")
     del _PRESETS[name]
     DEFAULT_SOURCES.pop(name, None)
+    NATIVE_WIDTHS.pop(name, None)
     for hf_name in [k for k, v in HF_MODEL_NAMES.items() if v == name]:
         del HF_MODEL_NAMES[hf_name]
 
 
 register_preset("vggt-1b", VGGT, VGGTConfig(), source="facebook/VGGT-1B")
 register_preset("vggt-tiny", VGGT, _VGGT_TINY)
+register_preset("vggt-nano", VGGT, _VGGT_NANO, source="builtin", native_width=140)
 register_preset("pi3", Pi3, Pi3Config(), source="yyfz233/Pi3")
 register_preset("pi3-tiny", Pi3, _PI3_TINY)
 register_preset("pi3-speed3r", Pi3Speed3R, Pi3Speed3RConfig(), source="weining17/Speed3R_Pi3")
@@ -146,6 +178,13 @@ def inference_overrides(preset: str, outputs: Optional[tuple[str, ...]] = None) 
 def num_global_layers(preset: str) -> int:
     """Global-attention layers of ``preset`` (from a meta-device build: nothing is allocated)."""
     return build_model(preset, device="meta").num_global_layers
+
+
+def native_width(preset: str) -> int:
+    """Input width (pixels, a multiple of 14) ``preset`` was trained at."""
+    if preset not in _PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; available: {', '.join(list_presets())}")
+    return NATIVE_WIDTHS[preset]
 
 
 def list_presets() -> list[str]:

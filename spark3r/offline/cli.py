@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model weights / compute dtype (default float32; bfloat16 or float16 on a GPU)")
-    p.add_argument("--image-width", type=int, default=518, help="network input width, 28-4088 in steps of 14")
+    p.add_argument("--image-width", type=int, default=0,
+                   help="network input width, 28-4088 in steps of 14 (0 = the preset's native width: 518, vggt-nano 140)")
     p.add_argument("--ground-truth", type=Path, metavar="TUM_DIR",
                    help="TEST DOUBLE instead of a model: answer windows with this TUM folder's ground truth")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
