@@ -279,8 +279,9 @@ class BackboneConfig:
     # (importing it here would pull torch into the configuration layer).
     reduction: str = param("dense", "global-attention token reduction method registered in spark3r.accel (dense, "
                                     "uniform, spark3r, ...); its parameters are reduction.<name>", non_empty=True)
-    reduction_schedule: str = param("", "Spark3R key/value schedule JSON file for reduction 'spark3r' ('' = the "
-                                        "backbone's default schedule)")
+    reduction_schedule: str = param("", "Spark3R key/value schedule JSON file for reduction 'spark3r' (with "
+                                        "reduction.recipe 'paper': a layer-tiers file from `spark3r calibrate --recipe "
+                                        "paper`; '' = the backbone's default)")
     reduction_params: dict = field(default_factory=dict, metadata={
         "doc": "keyword parameters of the reduction method (flat: reduction.<name>); reduction_schedule is added as "
                "'schedule'"})
