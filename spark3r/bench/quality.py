@@ -318,6 +318,10 @@ def run_quality(cfg: QualityConfig, log=None, predictions: Optional[dict] = None
                         remove(model)
         entry: dict[str, Any] = {"sequences": [getattr(s, "seed", i) for i, s in enumerate(seqs)], "methods": {}}
         dense_time = sum(min(t) for t in times["dense"])
+        if cfg.flops:  # the non-global part once per frame count; each op prices its global layers
+            dense_flops = flops_mod.model_flops(model, None, frames, h, w)
+            non_global = dense_flops["dense"] - dense_flops["global_attention_dense"]
+            geometry = flops_mod.model_geometry(model, frames, h, w)
         for v in variants:
             per_seq = [sequence_metrics(p, s, cfg.cloud_threshold, cfg.cloud_stride) for p, s in zip(outputs[v.label], seqs)]
             if predictions is not None:
@@ -329,12 +333,12 @@ def run_quality(cfg: QualityConfig, log=None, predictions: Optional[dict] = None
                                  "speedup_vs_dense": dense_time / total, "quality": mean_metrics(per_seq),
                                  "per_sequence": per_seq}
             if cfg.flops:
-                op = build_op(v.method, num_layers, cfg.model, **v.params)
-                mf = flops_mod.model_flops(model, op, frames, h, w)
-                m["flops"] = {"model": mf["method"], "model_dense": mf["dense"],
-                              "global_attention": mf["global_attention_method"],
-                              "global_attention_dense": mf["global_attention_dense"]}
-                m["flop_speedup"] = mf["speedup"]
+                attention = flops_mod.global_attention_flops(build_op(v.method, num_layers, cfg.model, **v.params),
+                                                             geometry)["total"]
+                m["flops"] = {"model": non_global + attention, "model_dense": dense_flops["dense"],
+                              "global_attention": attention,
+                              "global_attention_dense": dense_flops["global_attention_dense"]}
+                m["flop_speedup"] = dense_flops["dense"] / m["flops"]["model"]
             entry["methods"][v.label] = m
         dense_q = entry["methods"]["dense"]["quality"]
         for m in entry["methods"].values():
