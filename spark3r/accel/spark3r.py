@@ -18,6 +18,9 @@ view stays represented. The budget per layer comes from a :class:`KVSchedule`.
 Protected in both roles: the special tokens of every frame and all tokens of the reference frame.
 q/k arrive after RoPE, so merged and kept tokens need no new positions.
 
+``recipe="paper"`` selects the published recipe instead (``spark3r_paper.py``: temporal query
+groups, frame-count factors, stride K/V pruning, two layer tiers); this module is ours.
+
 Data path (what keeps the op near its FLOP bound on CPU): the 2x2 -> 2 merge is one pass of a
 fused C kernel (``native/pair_merge.c``; its eager twin decides on strided views of q and
 gathers), the reduced queries and keys/values are gathered with one ``index_select`` each into
