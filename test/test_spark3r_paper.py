@@ -221,3 +221,12 @@ def test_calibrate_recipe_paper_writes_layer_tiers(tmp_path, capsys):
     assert tiers.num_layers == 4 and report["layer_tiers"]["high_sensitivity"] == list(tiers.high_sensitivity)
     assert len(tiers.meta["raised_error"]) == 4 and tiers.meta["base_error"] > 0
     assert tiers.high_sensitivity == classify_sensitivity(tiers.meta["base_error"], tiers.meta["raised_error"])
+
+
+def test_groups_smaller_than_the_factor_keep_one_query():
+    lay = TokenLayout(frames=520, tokens_per_frame=3, special_tokens=1, grid=(1, 2), reference_frame=0)
+    plan = group_plan(lay, 1, 4, "cpu")  # one frame of 2 patches per group, factor 4
+    assert all(d.numel() >= 1 for d in plan.destinations)
+    q, k, v = qkv(lay)
+    out = paper.paper_attention(q, k, v, lay, 4, 1, 1)
+    assert out.shape == q.shape and torch.isfinite(out).all()

@@ -109,8 +109,11 @@ def _group_plan(key: tuple, group: int, factor: int, device: str) -> GroupPlan:
             d.append(tokens[is_dst])
             s.append(tokens[~is_dst])
         if d:
-            dsts.append(torch.cat(d).to(device))
-            srcs.append(torch.cat(s).to(device))
+            dst, src = torch.cat(d), torch.cat(s)
+            if dst.numel() == 0:  # a group smaller than the factor (tiny grid, G = 1): keep one query
+                dst, src = src[:1], src[1:]
+            dsts.append(dst.to(device))
+            srcs.append(src.to(device))
     return GroupPlan(idx.protected.to(device), tuple(dsts), tuple(srcs))
 
 
