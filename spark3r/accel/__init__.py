@@ -4,15 +4,16 @@ ops only.
 Public API: :func:`apply` / :func:`remove`, the method registry (:data:`METHODS`: ``dense``,
 ``uniform``, ``spark3r``; :func:`register_method`), per-method config dataclasses, the op
 contract (:class:`AttentionOp`, which prices itself with :class:`AttentionCost`) and
-:mod:`.schedule` (layer-adaptive K/V budgets; the paper recipe's layer tiers). Benchmarks, calibration and the FLOP model live in
-:mod:`spark3r.bench`.
+:mod:`.schedule` (layer-adaptive K/V budgets; the paper recipe's layer tiers). Benchmarks,
+calibration and the FLOP model live in :mod:`spark3r.bench`.
 """
 from spark3r.models.layers.layout import GlobalAttentionOp, TokenLayout
 
 from .apply import METHODS, AccelHandle, apply, build_op, make_config, register_method, remove
 from .dense import DenseConfig
 from .op import AttentionCost, AttentionOp, dense_cost, layer_cost
-from .schedule import KVSchedule, LayerTiers, default_schedule, default_tiers, load_schedule, load_tiers, save_schedule, save_tiers
+from .schedule import (KVSchedule, LayerTiers, default_schedule, default_tiers, load_schedule, load_tiers, save_schedule,
+                       save_tiers)
 from .spark3r import Spark3RConfig
 from .uniform import UniformConfig
 
