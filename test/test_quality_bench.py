@@ -70,7 +70,8 @@ def test_quality_metrics_agree_with_spark3r_eval(tmp_path):
     from spark3r.data.io import write_ply, write_tum_rgbd_folder
     from spark3r.eval.runner import evaluate
 
-    cfg = QualityConfig(frames=(5,), size=SIZE, methods="dense,spark3r:recipe=paper", flops=False, cloud_stride=3)
+    cfg = QualityConfig(model="vggt-tiny", data="synthetic", frames=(5,), size=SIZE, methods="dense,spark3r:recipe=paper",
+                        flops=False, cloud_stride=3)
     predictions = {}
     result = run_quality(cfg, predictions=predictions)
     entry = result["frame_counts"]["5"]
@@ -104,7 +105,8 @@ def test_quality_metrics_agree_with_spark3r_eval(tmp_path):
 
 def test_quality_cli_writes_json_table_and_plot(tmp_path, capsys):
     out = tmp_path / "q"
-    code = main(["bench", "--quality", "--frame-counts", "3,4", "--size", "28x42", "--methods",
+    code = main(["bench", "--quality", "--model", "vggt-tiny", "--data", "synthetic", "--frame-counts", "3,4",
+                 "--size", "28x42", "--methods",
                  "dense,spark3r:recipe=paper", "--out", str(out), "--table"])
     assert code == 0
     captured = capsys.readouterr()
@@ -120,5 +122,5 @@ def test_quality_cli_writes_json_table_and_plot(tmp_path, capsys):
     assert json.loads((out / "quality.json").read_text())["frame_counts"].keys() == result["frame_counts"].keys()
     assert "`spark3r:recipe=paper`" in (out / "quality.md").read_text() and "| frames |" in captured.err
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["bench", "--quality", "--frame-counts", "2", "--size", "28x42"]) == 2  # Sim(3) needs 3 poses
+    assert main(["bench", "--quality", "--model", "vggt-tiny", "--frame-counts", "2", "--size", "28x42"]) == 2  # Sim(3) needs 3 poses
     assert "frame counts >= 3" in capsys.readouterr().err
