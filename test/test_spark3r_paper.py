@@ -230,3 +230,15 @@ def test_groups_smaller_than_the_factor_keep_one_query():
     q, k, v = qkv(lay)
     out = paper.paper_attention(q, k, v, lay, 4, 1, 1)
     assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def test_node_parameters_select_the_recipe_and_refuse_ours_only_fields():
+    from spark3r.mapping.config import BackboneConfig
+
+    config = BackboneConfig.from_flat({"reduction": "spark3r", "reduction.recipe": "paper",
+                                       "reduction.temporal_group": 10})
+    assert config.reduction_params == {"recipe": "paper", "temporal_group": 10}
+    with pytest.raises(ValueError, match="reduction.query_keep=1.*recipe 'ours'"):
+        BackboneConfig.from_flat({"reduction": "spark3r", "reduction.recipe": "paper", "reduction.query_keep": 1})
+    with pytest.raises(ValueError, match="reduction.recipe"):
+        BackboneConfig.from_flat({"reduction": "spark3r", "reduction.recipe": "published"})

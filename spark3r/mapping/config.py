@@ -383,6 +383,14 @@ def reduction_params_for(method: str, values: dict[str, Any], schedule: str = ""
     if schedule and method_fields is not None and "schedule" not in method_fields:
         raise ValueError(f"reduction_schedule={schedule!r} is set but reduction={method!r} takes no schedule; a schedule "
                          "is only used by reduction 'spark3r' (or leave reduction_schedule empty)")
+    if method_fields is not None:
+        from spark3r.accel import make_config
+
+        try:  # combinations the method refuses (e.g. reduction.recipe 'paper' with reduction.query_keep)
+            make_config(method, **out)
+        except ValueError as e:
+            raise ValueError(f"reduction={method!r} with {', '.join(f'{REDUCTION_PREFIX}{k}={v!r}' for k, v in out.items())}: "
+                             f"{e}") from None
     return out
 
 
