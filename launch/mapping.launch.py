@@ -1,7 +1,7 @@
 """Start the spark3r mapping node with parameters from config/mapping.yaml.
 
     ros2 launch spark3r_ros mapping.launch.py image:=/camera/image_raw \
-        camera_info:=/camera/camera_info checkpoint:=/data/VGGT-1B/model.pt
+        camera_info:=/camera/camera_info checkpoint:=/data/VGGT-1B/model.pt [threads:=3]
 
 Launch arguments override the parameters file only when they are given (non-empty).
 """
@@ -19,10 +19,10 @@ def _nodes(context):
     share = get_package_share_directory("spark3r_ros")
     use_sim_time = LaunchConfiguration("use_sim_time").perform(context).lower() in ("1", "true", "yes")
     overrides = {"use_sim_time": use_sim_time}
-    for name in ("checkpoint", "backbone"):
+    for name in ("checkpoint", "backbone", "threads"):
         value = LaunchConfiguration(name).perform(context)
         if value:
-            overrides[name] = value
+            overrides[name] = int(value) if name == "threads" else value
     image = LaunchConfiguration("image").perform(context)
     mapping = Node(
         package="spark3r_ros",
@@ -61,6 +61,8 @@ def generate_launch_description():
                               description="Checkpoint file, Hugging Face directory or hub id (empty: from params_file)."),
         DeclareLaunchArgument("backbone", default_value="",
                               description="Backbone preset, e.g. vggt-1b (empty: from params_file)."),
+        DeclareLaunchArgument("threads", default_value="",
+                              description="CPU threads for inference; 0 = usable cores - 1 (empty: from params_file)."),
         DeclareLaunchArgument("rviz", default_value="false", description="Also start RViz with config/mapping.rviz."),
         OpaqueFunction(function=_nodes),
     ])

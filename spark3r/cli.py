@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("spark3r.bench.calibrate", "measure per-layer sensitivity and write a K/V schedule file"),
     "map": ("spark3r.offline.cli", "map a bag / TUM folder / image folder / video offline with the node's mapper"),
     "eval": ("spark3r.eval.cli", "ATE/RPE, depth and cloud metrics of a map output against ground truth"),
+    "distill": ("spark3r.distill.cli", "train Speed3R's sparse global layers to imitate the dense model (resumable)"),
 }
 
 

@@ -394,6 +394,8 @@ def odometry_record_to_msg(record) -> Odometry:
     twist = msg.twist.twist
     twist.linear.x, twist.linear.y, twist.linear.z = (float(v) for v in record.linear)
     twist.angular.x, twist.angular.y, twist.angular.z = (float(v) for v in record.angular)
+    msg.pose.covariance = [float(v) for v in np.asarray(record.pose_covariance).reshape(36)]
+    msg.twist.covariance = [float(v) for v in np.asarray(record.twist_covariance).reshape(36)]
     return msg
 
 

@@ -6,7 +6,8 @@
 Starts two processes on a private loopback-only DDS domain — the mapping node and
 ``spark3r_ros.synthetic_camera`` (images + camera_info + /tf_static) — records what the node
 publishes (TF, odometry, path, cloud, map, diagnostics), calls ``~/save_map`` at the end and
-writes ``OUT/map.ply``, ``OUT/trajectory_tum.txt`` and ``OUT/demo_report.json``. With the
+writes ``OUT/map.ply``, ``OUT/trajectory.tum`` (the node's ``~/save_map`` files, named as
+``spark3r map`` names them) and ``OUT/demo_report.json``. With the
 ground-truth double the report also holds the trajectory's ATE against the synthetic ground truth
 after a Sim(3) alignment. Exit code 0 only if a map and a trajectory were produced.
 
@@ -17,7 +18,6 @@ Any other value is a model preset for the real node (``spark3r_ros.mapping_node`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spark3r.data import strict_json
 from spark3r_ros.dds_env import apply_loopback_env, loopback_env
 
 GROUND_TRUTH = "ground-truth"
@@ -258,10 +259,7 @@ def run(args) -> int:
         response = future.result()
         report["save_map"] = {"success": bool(response.success), "message": response.message}
         print(f"[demo] ~/save_map: {response.message}", flush=True)
-        tum = out / "trajectory.tum"
-        trajectory = out / "trajectory_tum.txt"
-        if tum.is_file():
-            os.replace(tum, trajectory)
+        trajectory = out / "trajectory.tum"
         report.update(received=rec.counts, tf_edges=rec.tf_edges,
                       frames={k: sorted(v) for k, v in rec.frames.items() if v},
                       diagnostics=rec.diagnostics, diagnostics_level=rec.diag_level)
@@ -291,13 +289,13 @@ def run(args) -> int:
         report["node_log_tail"] = mapper.tail(2000)
         report["wall_time_s"] = round(time.monotonic() - started, 1)
         report["ok"] = ok
-        (out / "demo_report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        (out / "demo_report.json").write_text(strict_json.dumps(report, indent=1, sort_keys=True) + "\n")
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
     summary = {k: report.get(k) for k in ("ok", "received", "path_poses", "map_points_published", "ate", "wall_time_s")}
-    print(f"[demo] {json.dumps(summary)}", flush=True)
-    print(f"[demo] outputs in {out}: map.ply, trajectory_tum.txt, demo_report.json", flush=True)
+    print(f"[demo] {strict_json.dumps(summary)}", flush=True)
+    print(f"[demo] outputs in {out}: map.ply, trajectory.tum, demo_report.json", flush=True)
     return 0 if ok else 1
 
 

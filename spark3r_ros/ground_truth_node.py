@@ -10,7 +10,9 @@ with the same scene arguments, in a random similarity frame per window. It exist
 and the demo (exact geometry, no model weights, fast on a CPU); it maps nothing else.
 
 Knobs for overload / bad-output tests: ``--slow-seconds`` sleeps in every backbone call (a slow
-model), ``--nan-depth-fraction`` puts NaN into that share of every predicted depth map.
+model), ``--nan-depth-fraction`` puts NaN into that share of every predicted depth map,
+``--spoil-depth-after N`` scrambles the depth of every window after the first N (by random factors
+of 0.2-5 per pixel), so those windows cannot be aligned to the map (tracking lost).
 """
 from __future__ import annotations
 
@@ -29,16 +31,22 @@ class TestDoubleBackbone:
 
     name = "ground-truth-synthetic (TEST DOUBLE)"
 
-    def __init__(self, inner, delay_s: float = 0.0, nan_depth_fraction: float = 0.0, seed: int = 0):
+    def __init__(self, inner, delay_s: float = 0.0, nan_depth_fraction: float = 0.0, seed: int = 0,
+                 spoil_depth_after: int = -1):
         self.inner = inner
         self.delay_s = float(delay_s)
         self.nan_depth_fraction = float(nan_depth_fraction)
+        self.spoil_depth_after = int(spoil_depth_after)
         self.rng = np.random.default_rng(seed)
+        self.calls = 0
 
     def predict(self, window):
         if self.delay_s > 0:
             time.sleep(self.delay_s)
         pred = self.inner.predict(window)
+        self.calls += 1
+        if 0 <= self.spoil_depth_after < self.calls:
+            pred.depth = (pred.depth * self.rng.uniform(0.2, 5.0, size=pred.depth.shape)).astype(np.float32)
         if self.nan_depth_fraction > 0:
             pred.depth = np.where(self.rng.random(pred.depth.shape) < self.nan_depth_fraction, np.nan, pred.depth)
         return pred
@@ -56,6 +64,8 @@ def parse_args(argv):
     parser.add_argument("--backbone-seed", type=int, default=11, help="seed of the per-window random similarities")
     parser.add_argument("--slow-seconds", type=float, default=0.0, help="sleep this long in every backbone call")
     parser.add_argument("--nan-depth-fraction", type=float, default=0.0, help="share of depth pixels set to NaN")
+    parser.add_argument("--spoil-depth-after", type=int, default=-1,
+                        help="scramble the depth of every window after this many (-1 = never): tracking is lost")
     return parser.parse_known_args(argv)
 
 
@@ -73,7 +83,8 @@ def main(argv=None) -> int:
         from spark3r.mapping.testing import GroundTruthBackbone
 
         inner = GroundTruthBackbone(seq, seed=args.backbone_seed)
-        return TestDoubleBackbone(inner, args.slow_seconds, args.nan_depth_fraction, seed=args.backbone_seed)
+        return TestDoubleBackbone(inner, args.slow_seconds, args.nan_depth_fraction, seed=args.backbone_seed,
+                                  spoil_depth_after=args.spoil_depth_after)
 
     from spark3r_ros.mapping_node import main as node_main
 

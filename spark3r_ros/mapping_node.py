@@ -3,16 +3,18 @@
     python -m spark3r_ros.mapping_node --ros-args --params-file config/mapping.yaml
     ros2 run spark3r_ros mapping_node --ros-args --params-file ...        (colcon install)
 
-Threads: the executor only stores incoming messages (images go into a bounded queue that drops
-its oldest entry when full); one worker thread decodes images, runs the keyframe gate and the
-backbone (:class:`spark3r.mapping.Mapper`) and publishes each window's result. Services and
-timers run on the executor, so they answer while a window is being inferred.
+Threads (:class:`~spark3r_ros.node_support.MappingPipeline`): the executor only stores incoming
+messages (images go into a bounded queue that drops its oldest entry when full); the intake thread
+decodes every image and runs the keyframe gate (:meth:`spark3r.mapping.Mapper.offer`) at camera
+rate; accepted keyframes wait in the mapper's bounded pending store while the inference thread runs
+the backbone (:meth:`~spark3r.mapping.Mapper.process_pending`) and publishes each window's result.
+Services and timers run on the executor, so they answer while a window is being inferred.
 
 What is published is computed in the core: parameters come from the config dataclasses
 (:mod:`spark3r_ros.parameters`), each window's TF / Odometry / Path / cloud records from
 :class:`spark3r.mapping.outputs.OutputComposer` (frames and REP-105 policy are documented there;
 the offline ``mapping.bag`` is written from the same records). This module holds the ROS objects:
-publishers, subscriptions, QoS, services, timers and the worker thread. Without
+publishers, subscriptions, QoS, services, timers and the pipeline threads. Without
 ``publish_odom_to_base_tf`` another node owns ``odom -> base_link``; the node reads it from
 ``/tf`` (:class:`~spark3r_ros.odom_tf_buffer.OdomTfBuffer`) at each keyframe stamp.
 """
@@ -44,10 +46,11 @@ from tf2_msgs.msg import TFMessage
 from spark3r.mapping import BackboneConfig, Frame, Mapper, MapperConfig, WindowResult
 from spark3r.mapping.keyframes import REJECT_BAD_IMAGE, REJECT_IMAGE_SIZE
 from spark3r.mapping.outputs import OutputComposer
+from spark3r.mapping.tracking import window_failed
 from spark3r_ros.conversions import (PathConverter, camera_info_to_intrinsics, cloud_record_to_msg, compressed_to_rgb,
                                      image_to_rgb, odometry_record_to_msg, time_to_ns, transform_record_to_msg)
-from spark3r_ros.node_support import (FrameQueue, NodeCounters, RateMeter, WarningThrottle, diagnostic_summary,
-                                      diagnostic_text)
+from spark3r_ros.node_support import (FrameQueue, MappingPipeline, NodeCounters, RateMeter, WarningThrottle,
+                                      diagnostic_summary, diagnostic_text)
 from spark3r_ros.odom_tf_buffer import OdomTfBuffer
 from spark3r_ros.parameters import NodeSettings, all_parameter_docs, all_parameter_specs, parameter_descriptor
 from spark3r_ros.static_tf import StaticTransformCache, subscribe_static_tf
@@ -102,18 +105,17 @@ class MappingNode(Node):
         self._camera_info: Optional[tuple[np.ndarray, int, int]] = None  # (K, width, height)
         self._applied_extrinsic: Optional[tuple[str, bytes]] = None
         self._warned_no_camera_info = False
-        self._resets = 0  # ~/reset calls; the worker drops a window result that straddles one
         self._last_stamp_ns: Optional[int] = None
+        self._backlog_drops_seen = 0
         self._path_msg = PathConverter()
         self._map_dirty = False
         self._last_map_publish = -math.inf
-        self._publish_lock = threading.RLock()  # composer, path and map state: worker, services and timers
+        self._publish_lock = threading.RLock()  # composer, path, map, map epoch: inference, intake, services, timers
         self._input_rate = RateMeter()
-        self._stop = threading.Event()
+        self._pipeline = MappingPipeline(self._queue, self._intake, self.mapper, self._publish_outcome, self._on_stage_error)
 
         self._create_interfaces()
-        self._worker = threading.Thread(target=self._worker_loop, name="spark3r_mapping_worker", daemon=True)
-        self._worker.start()
+        self._pipeline.start()
         self.get_logger().info(
             f"mapping node up: backbone={self.backbone_name} reduction={self.backbone_config.reduction} "
             f"device={self.backbone_config.device} input={'image/compressed' if self._compressed else 'image'} "
@@ -205,7 +207,8 @@ class MappingNode(Node):
             response.success = False
             response.message = f"backbone not loaded ({self.backbone_error}); a reset cannot fix that, restart the node"
             return response
-        self._resets += 1
+        with self._publish_lock:
+            self._pipeline.new_map()  # a window finishing during the reset belongs to the old map
         self._queue.clear()
         self.mapper.reset()
         self._clear_outputs()
@@ -233,32 +236,24 @@ class MappingNode(Node):
         self.get_logger().info(response.message)
         return response
 
-    # ------------------------------------------------------------------ the worker
+    # ------------------------------------------------------------------ the pipeline stages
 
-    def _worker_loop(self) -> None:
-        while not self._stop.is_set():
-            msg = self._queue.get(timeout=0.1)
-            if msg is None:
-                continue
-            try:
-                self._process(msg)
-            except Exception as exc:  # one bad message must never stop the mapping
-                if self._stop.is_set() or not self.context.ok():
-                    return  # shutting down: publishers are gone
-                self._count(None, f"unexpected error while processing an image: {type(exc).__name__}: {exc}")
-                self.get_logger().error(f"unexpected error while processing an image: {type(exc).__name__}: {exc}")
+    def _on_stage_error(self, stage: str, exc: Exception) -> None:
+        message = f"unexpected error in the {stage} thread: {type(exc).__name__}: {exc}"
+        if self.context.ok():  # else shutting down: publishers are gone
+            self._count(None, message)
+            self.get_logger().error(message)
 
-    def _process(self, msg) -> None:
+    def _intake(self, msg) -> bool:
+        """Intake thread, every image: decode, extrinsic, keyframe gate. True if a keyframe was accepted."""
         if self.mapper is None:
-            with self._counter_lock:
-                self.counters.images_dropped_no_backbone += 1
-            self._throttle.warn("no_backbone", f"dropping images: the backbone is not loaded ({self.backbone_error})")
-            return
+            self._count("images_dropped_no_backbone", f"dropping images: the backbone is not loaded ({self.backbone_error})")
+            return False
         try:
             rgb = compressed_to_rgb(msg) if self._compressed else image_to_rgb(msg)
         except (ValueError, TypeError) as exc:
             self._count("images_bad", f"dropping an image that cannot be decoded: {exc}")
-            return
+            return False
         stamp_ns = time_to_ns(msg.header.stamp)
         if self._last_stamp_ns is not None and stamp_ns < self._last_stamp_ns:
             self._on_time_backwards(stamp_ns)
@@ -270,19 +265,28 @@ class MappingNode(Node):
         elif decision.reason == REJECT_IMAGE_SIZE:
             self._throttle.warn("image_size", f"image rejected: {decision.detail}; call ~/reset to start a new map "
                                               "at the new size")
-        while not self._stop.is_set():
-            nonfinite_before = self.mapper.stats.nonfinite_depth_pixels
-            resets_before = self._resets
-            result = self.mapper.process_pending()
-            nonfinite = self.mapper.stats.nonfinite_depth_pixels - nonfinite_before
-            if nonfinite:
-                self._throttle.warn("nonfinite_depth", f"the backbone returned {nonfinite} NaN/inf depth values in the "
-                                                       "last window; they are not mapped (counted as nonfinite_depth_pixels)")
-            if result is None:
-                break
-            if self._resets != resets_before:
-                continue  # ~/reset arrived while this window was integrated: it belongs to the old map
-            self._publish_window(result)
+        drops = self.mapper.stats.keyframes_dropped_backlog if decision.accepted else 0
+        if drops > self._backlog_drops_seen:
+            self._backlog_drops_seen = drops
+            self._throttle.warn("backlog", f"the backbone is slower than the keyframes: dropped the oldest pending keyframe "
+                                           f"({drops} so far, max_pending_keyframes={self._pipeline.pending_capacity})")
+        return decision.accepted
+
+    def _publish_outcome(self, epoch: int, before, after, result: Optional[WindowResult]) -> None:
+        """Inference thread, after every ``process_pending`` call."""
+        nonfinite = after.nonfinite_depth_pixels - before.nonfinite_depth_pixels
+        if nonfinite:
+            self._throttle.warn("nonfinite_depth", f"the backbone returned {nonfinite} NaN/inf depth values in the "
+                                                   "last window; they are not mapped (counted as nonfinite_depth_pixels)")
+        with self._publish_lock:
+            if epoch != self._pipeline.map_epoch:
+                return  # ~/reset or a time jump while this window ran: it belongs to the old map
+            if result is not None and result.keyframes:
+                self._publish_window_locked(result)
+            elif window_failed(before, after, result) and (lost := self.composer.compose_lost(after.last_window_stamp_ns)):
+                self._odom_pub.publish(odometry_record_to_msg(lost))
+                self._throttle.warn("lost", "tracking LOST: the last window gave no poses (alignment rejected or output "
+                                            "dropped); odometry holds the last pose with a large covariance")
 
     def _on_time_backwards(self, stamp_ns: int) -> None:
         # The mapper resets itself on the next offer; the node drops what it derived from the old run.
@@ -336,12 +340,6 @@ class MappingNode(Node):
 
     # ------------------------------------------------------------------ publishing
 
-    def _publish_window(self, result: WindowResult) -> None:
-        if not result.keyframes:
-            return
-        with self._publish_lock:
-            self._publish_window_locked(result)
-
     def _publish_window_locked(self, result: WindowResult) -> None:
         lookup = self._odom_buffer.lookup if self._odom_buffer is not None else None
         outputs = self.composer.compose_window(result, odom_to_base=lookup)
@@ -376,6 +374,7 @@ class MappingNode(Node):
     def _clear_outputs(self) -> None:
         """Empty path and map (latched, so late joiners do not see the old run)."""
         with self._publish_lock:
+            self._pipeline.new_map()
             self.composer.reset()
             self._path_pub.publish(self._path_msg(self.composer.path()))
             # Empty by construction: after a time jump the mapper clears its map only when its
@@ -389,15 +388,20 @@ class MappingNode(Node):
         with self._counter_lock:
             counters = asdict(self.counters)
         values = {"input_rate_hz": round(self._input_rate.rate(), 2), "queue_depth": len(self._queue),
-                  "queue_capacity": self.values["queue_depth"], **counters}
+                  "queue_capacity": self.values["queue_depth"],
+                  "pending_capacity": self._pipeline.pending_capacity,
+                  "inference_running": int(self._pipeline.inference_running), **counters}
+        with self._publish_lock:
+            values.update(self.composer.tracking_values())
         if self.mapper is not None:
             stats = self.mapper.stats.as_dict()
             decisions = stats.pop("decisions")
             values.update(stats)
             values["trajectory_keyframes"] = len(self.mapper.trajectory)  # mapped keyframes of the current map
             values.update({f"decisions.{k}": v for k, v in sorted(decisions.items())})
-        values["backbone"] = self.backbone_name
-        values["backbone_error"] = self.backbone_error
+            # CPU threads the last window ran with (set in the inference thread)
+            values["inference_threads"] = getattr(self.mapper.backbone, "threads_used", None) or 0
+        values.update(backbone=self.backbone_name, backbone_error=self.backbone_error)
         return values
 
     def _publish_diagnostics(self) -> None:
@@ -413,9 +417,8 @@ class MappingNode(Node):
     # ------------------------------------------------------------------ shutdown
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the worker (it finishes the window in flight) and wait for it."""
-        self._stop.set()
-        self._worker.join(timeout)
+        """Stop the intake and inference threads (a window in flight is finished) and wait for them."""
+        self._pipeline.stop(timeout)
 
 
 def main(argv=None, backbone_factory: Optional[BackboneFactory] = None) -> int:

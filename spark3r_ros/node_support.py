@@ -1,4 +1,5 @@
-"""The mapping node's plumbing that needs no ROS: the image queue, its counters, throttled warnings.
+"""The mapping node's plumbing that needs no ROS: the image queue, the two-stage pipeline, counters,
+throttled warnings.
 
 Kept apart from ``mapping_node.py`` (which holds the ROS objects) so each piece is testable on
 its own and the node module stays a readable list of publishers, subscriptions and callbacks.
@@ -10,12 +11,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 WARN_PERIOD_S = 5.0
 
 
 class FrameQueue:
-    """Bounded FIFO between the executor (producer) and the mapping worker (consumer); when
+    """Bounded FIFO between the executor (producer) and the intake stage (consumer); when
     full, ``put`` drops the oldest item so the newest image always gets in."""
 
     def __init__(self, depth: int):
@@ -51,6 +53,96 @@ class FrameQueue:
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+
+class MappingPipeline:
+    """The node's two worker threads, so that keyframes are chosen at camera rate while the
+    backbone runs.
+
+    * intake (camera rate): takes each image message from ``queue`` and hands it to
+      ``intake(msg)`` (decode, checks, ``Mapper.offer``: a few ms), which returns True when a
+      keyframe was accepted. Accepted keyframes wait in the mapper's bounded pending store
+      (``max_pending_keyframes``; beyond it the oldest are dropped and counted).
+    * inference: whenever keyframes wait, runs ``mapper.process_pending()`` until nothing is due
+      and calls ``publish(epoch, stats_before, stats_after, result)`` after every call (``result``
+      may be None: no window due, or a window that gave no poses; the stats tell which).
+
+    ``Mapper.offer`` never waits for a running window (the mapper's locking), so the intake keeps
+    pace with the camera whatever the backbone's latency. ``map_epoch`` counts new maps (reset,
+    time jump; :meth:`new_map`, called by the owner under its publishing lock): a result whose
+    epoch is older belongs to the previous map and must not be published. An exception in a
+    stage goes to ``on_error(stage, exc)`` and the stage goes on (one bad message must never stop
+    the mapping).
+    """
+
+    def __init__(self, queue: FrameQueue, intake: Callable[[object], bool], mapper, publish: Callable,
+                 on_error: Callable[[str, Exception], None], poll_s: float = 0.1):
+        self.queue, self.mapper = queue, mapper
+        self._intake, self._publish, self._on_error, self._poll_s = intake, publish, on_error, poll_s
+        self._keyframes_waiting = threading.Event()
+        self._stop = threading.Event()
+        self.map_epoch = 0
+        self.inference_running = False  # a process_pending call (maybe a backbone run) is in progress
+        self._threads = [threading.Thread(target=self._loop, args=(name, step), name=f"spark3r_mapping_{name}", daemon=True)
+                         for name, step in (("intake", self._intake_step), ("inference", self._inference_step))]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop both stages (a running window is finished first) and wait for them."""
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def pending_capacity(self) -> int:
+        """Keyframes that may wait for the backbone (``max_pending_keyframes``; 0 without a mapper)."""
+        return self.mapper.config.window.max_pending_keyframes if self.mapper is not None else 0
+
+    def new_map(self) -> None:
+        self.map_epoch += 1
+
+    def idle(self) -> bool:
+        """Nothing queued, pending or being inferred (for tests and diagnostics)."""
+        return (not len(self.queue) and not self.inference_running
+                and (self.mapper is None or not self.mapper.backlog) and not self._keyframes_waiting.is_set())
+
+    def _loop(self, name: str, step: Callable[[], None]) -> None:
+        while not self._stop.is_set():
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - reported, and the stage goes on
+                if self._stop.is_set():
+                    return  # shutting down: the owner's publishers may be gone
+                self._on_error(name, exc)
+
+    def _intake_step(self) -> None:
+        msg = self.queue.get(timeout=self._poll_s)
+        if msg is not None and self._intake(msg):
+            self._keyframes_waiting.set()
+
+    def _inference_step(self) -> None:
+        if not self._keyframes_waiting.wait(self._poll_s) or self.mapper is None:
+            return
+        self._keyframes_waiting.clear()
+        while not self._stop.is_set():
+            epoch = self.map_epoch
+            before = self.mapper.stats
+            self.inference_running = True
+            try:
+                result = self.mapper.process_pending()
+            finally:
+                self.inference_running = False
+            self._publish(epoch, before, self.mapper.stats, result)
+            if result is None and not self.mapper.backlog:
+                return
 
 
 @dataclass
@@ -120,6 +212,9 @@ def diagnostic_summary(values: dict, backbone_error: str) -> tuple[str, str]:
         return "warn", "no images received yet"
     if values.get("windows_mapped", 0) == 0:
         return "ok", "waiting for the first window"
+    if values.get("tracking_state") == "LOST":
+        return "warn", (f"tracking LOST for {values.get('tracking_lost_windows', 0)} window(s): not aligned to the map "
+                        "or their output dropped")
     return "ok", f"{values['windows_mapped']} windows, {values['keyframes']} keyframes, {values['map_points']} map points"
 
 

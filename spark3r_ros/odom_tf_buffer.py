@@ -30,7 +30,7 @@ class OdomTfBuffer:
         self.max_gap_ns = int(max_gap_ns)
         self._stamps: list[int] = []
         self._poses: list[np.ndarray] = []
-        self._lock = threading.Lock()  # fed by the executor thread, read by the mapping worker
+        self._lock = threading.Lock()  # fed by the executor thread, read by the inference thread
 
     def __len__(self) -> int:
         return len(self._stamps)

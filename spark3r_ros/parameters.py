@@ -23,8 +23,8 @@ class NodeConfig:
 
     image_transport: str = param("raw", "'raw' subscribes sensor_msgs/Image on 'image', 'compressed' CompressedImage on "
                                         "'image/compressed'", choices=("raw", "compressed"))
-    queue_depth: int = param(4, "images waiting for the mapping worker; when full the oldest is dropped (counted)",
-                             range=(1, 1000))
+    queue_depth: int = param(4, "images waiting for the intake thread (decoding, keyframe gate); when full the oldest "
+                                "is dropped (counted)", range=(1, 1000))
     map_publish_period: float = param(2.0, "minimum seconds between two ~/map publications (0 = after every window)",
                                       range=(0.0, 3600.0))
     save_directory: str = param("~/.ros/spark3r_maps", "where ~/save_map writes map.ply and trajectory.tum",

@@ -87,7 +87,8 @@ def test_da3_decoder_inverts_world_to_camera_extrinsics():
 
 
 @pytest.mark.parametrize("backbone, reduction", [("pi3-tiny", "dense"), ("pi3-tiny", "spark3r"),
-                                                 ("da3-small", "dense"), ("da3-small", "uniform")])
+                                                 ("da3-small", "dense"), ("da3-small", "uniform"),
+                                                 ("pi3-speed3r-tiny", "dense"), ("pi3-tiny", "speed3r")])
 def test_mapper_maps_the_synthetic_stream(seq, backbone, reduction):
     bb = ModelBackbone.from_config(BackboneConfig(backbone=backbone, checkpoint="seeded", image_width=WIDTH,
                                                   reduction=reduction), 6, 3)

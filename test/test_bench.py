@@ -18,7 +18,7 @@ def test_bench_json_is_well_formed_on_the_tiny_preset(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert printed == data
     assert data["format"] == "spark3r-bench/1" and data["weights"].startswith("seeded-v1")
-    assert list(data["methods"]) == ["dense", "uniform", "spark3r"]
+    assert list(data["methods"]) == ["dense", "uniform", "spark3r", "speed3r"]
     assert data["methods"]["spark3r"]["params"]["query_keep"] == 1
     for name, m in data["methods"].items():
         assert len(m["time_s"]["all"]) == 1 and m["time_s"]["min"] > 0

@@ -27,7 +27,7 @@ def test_main_job_writes_map_trajectory_and_report(tmp_path):
     # Best-effort image transport: a loaded machine may lose an image or two of the 48.
     assert int(report["diagnostics"]["images_received"]) >= 44 and report["diagnostics_level"] == 0
     cloud = read_ply(out / "map.ply")
-    stamps, poses = read_tum_trajectory(out / "trajectory_tum.txt")
+    stamps, poses = read_tum_trajectory(out / "trajectory.tum")
     assert len(cloud.xyz) == report["map_points_published"] > 1000 and np.all(np.isfinite(cloud.xyz))
     assert len(stamps) == report["path_poses"] == report["ate"]["poses"] >= 8
     # Ground-truth double: the stitched trajectory is the true one up to a similarity.

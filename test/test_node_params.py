@@ -121,7 +121,7 @@ def _kwarg(call, name):
 def test_launch_file_matches_the_node(ros_context):
     tree = _launch_tree()
     arguments = {ast.literal_eval(c.args[0]) for c in _calls(tree, "DeclareLaunchArgument")}
-    assert {"use_sim_time", "image", "camera_info", "params_file", "checkpoint", "backbone"} <= arguments
+    assert {"use_sim_time", "image", "camera_info", "params_file", "checkpoint", "backbone", "threads"} <= arguments
     (node_call,) = [c for c in _calls(tree, "Node") if ast.literal_eval(_kwarg(c, "executable")) == "mapping_node"]
     assert ast.literal_eval(_kwarg(node_call, "name")) == NODE_NAME
     remapped = {ast.literal_eval(pair.elts[0]) for pair in _kwarg(node_call, "remappings").elts}
@@ -130,7 +130,7 @@ def test_launch_file_matches_the_node(ros_context):
     for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For)):
         if isinstance(loop.iter, ast.Tuple):
             overridden |= {ast.literal_eval(e) for e in loop.iter.elts}
-    assert overridden == {"checkpoint", "backbone"}
+    assert overridden == {"checkpoint", "backbone", "threads"}
     node_raw = make_node(ros_context)
     node_compressed = make_node(ros_context, image_transport="compressed")
     try:

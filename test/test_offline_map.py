@@ -431,3 +431,35 @@ def test_offline_odometry_carries_the_twist_of_the_moving_camera(gt_run):
     stamps = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in odometry]
     for i in range(1, len(odometry)):
         assert speeds[i] * (stamps[i] - stamps[i - 1]) == pytest.approx(np.linalg.norm(poses[i] - poses[i - 1]), rel=1e-6)
+
+
+class _SpoilsDepthAfter:
+    """TEST DOUBLE: the ground-truth backbone whose depth is scrambled from window ``n + 1`` on,
+    so those windows cannot be aligned to the map."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.calls, self.rng = inner, n, 0, np.random.default_rng(0)
+
+    def predict(self, window):
+        pred = self.inner.predict(window)
+        self.calls += 1
+        if self.calls > self.n:
+            pred.depth = (pred.depth * self.rng.uniform(0.2, 5.0, size=pred.depth.shape)).astype(np.float32)
+        return pred
+
+
+def test_offline_odometry_covariance_and_tracking_lost_records(bench, tmp_path):
+    """As the node: Odometry carries the alignment covariance, and each window that cannot be
+    aligned writes one Odometry holding the last pose with 9999 on the covariance diagonal."""
+    gt = load_tum_ground_truth(bench["tum"])
+    report = run_map(open_input(bench["bag"]), tmp_path / "out", mapper_config(), _SpoilsDepthAfter(GroundTruthBackbone(gt), 2))
+    assert report["complete"] and report["mapper_stats"]["windows_rejected_alignment"] >= 1
+    _, msgs = _read_bag(tmp_path / "out" / "mapping.bag")
+    odometry = [m for _, _, m in msgs["/spark3r_mapping/odometry"]]
+    variances = [float(m.pose.covariance[0]) for m in odometry]
+    # Two mapped windows (8 + 4 keyframes), then lost. (The bag is in stamp order: keyframes that a
+    # later window maps may be older than a lost record.)
+    assert all(0 < v < 1.0 for v in variances[:12]) and 9999.0 in variances
+    lost = odometry[variances.index(9999.0)]
+    assert np.all(np.diag(np.reshape(lost.pose.covariance, (6, 6))) == 9999.0)
+    assert lost.pose.pose == odometry[11].pose.pose  # the last pose before tracking was lost

@@ -136,3 +136,7 @@ def test_node_conversion_and_offline_bag_carry_identical_messages(tmp_path):
     # The offline Odometry carries the twist (it used to be zero).
     speeds = [np.hypot(m.twist.twist.linear.x, m.twist.twist.linear.y) for m in written["/spark3r_mapping/odometry"]]
     assert speeds[0] == 0.0 and min(speeds[1:]) > 0.4
+    # ... and the covariances from the window alignment (they used to be zero).
+    for msg in written["/spark3r_mapping/odometry"]:
+        pose_cov = np.reshape(msg.pose.covariance, (6, 6))
+        assert np.all(np.diag(pose_cov) > 0) and np.count_nonzero(pose_cov - np.diag(np.diag(pose_cov))) == 0

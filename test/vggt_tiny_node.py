@@ -11,15 +11,12 @@ import sys
 
 
 def factory(backbone_config, mapper_config):
-    import torch
-
     from spark3r.mapping.model_backbone import ModelBackbone
     from test_mapper_model_backbone import seeded_tiny
 
-    torch.set_num_threads(1)  # the CI machine is small and shared
     window = mapper_config.window
     return ModelBackbone(seeded_tiny(), image_width=backbone_config.image_width,
-                         cache_max_frames=window.window_size + window.window_stride)
+                         cache_max_frames=window.window_size + window.window_stride, threads=backbone_config.threads)
 
 
 if __name__ == "__main__":

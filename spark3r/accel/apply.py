@@ -18,6 +18,7 @@ from .op import AttentionOp
 from .schedule import resolve_schedule, resolve_tiers
 from .spark3r import Spark3RConfig, Spark3ROp
 from .spark3r_paper import Spark3RPaperOp
+from .speed3r import Speed3RConfig, Speed3ROp
 from .uniform import UniformConfig, UniformOp
 
 
@@ -38,6 +39,7 @@ METHODS: dict[str, MethodSpec] = {
     "dense": MethodSpec(DenseConfig, lambda c, n, b: DenseOp(c)),
     "uniform": MethodSpec(UniformConfig, lambda c, n, b: UniformOp(c)),
     "spark3r": MethodSpec(Spark3RConfig, _make_spark3r),
+    "speed3r": MethodSpec(Speed3RConfig, lambda c, n, b: Speed3ROp(c)),
 }
 
 
@@ -100,6 +102,12 @@ def apply(model, method: str, **params) -> AccelHandle:
     Layers on which the method would compute exact attention keep ``global_op = None`` — untouched.
     Returns an :class:`AccelHandle` (also stored as ``model.accel_handle``)."""
     modules = global_modules(model)
+    # A model whose global layers are not plain attention (Speed3R-π3: window-major tokens and
+    # learned sparse layers) lists the methods that understand them.
+    supported = getattr(model, "supported_accel_methods", None)
+    if supported is not None and method not in supported:
+        raise ValueError(f"reduction method {method!r} is not supported by {getattr(model, 'preset', None) or type(model).__name__} "
+                         f"(window-major sparse global layers); use one of {list(supported)}")
     op = build_op(method, len(modules), getattr(model, "preset", None), **params)
     reduced = []
     for layer, module in enumerate(modules):

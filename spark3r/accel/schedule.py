@@ -100,7 +100,9 @@ class KVSchedule:
 def save_schedule(schedule: KVSchedule, path: Union[str, Path]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(schedule.to_dict(), indent=1) + "\n")
+    from spark3r.data import strict_json
+
+    path.write_text(strict_json.dumps(schedule.to_dict(), indent=1) + "\n")
     return path
 
 
@@ -109,10 +111,16 @@ def load_schedule(path: Union[str, Path]) -> KVSchedule:
     if not path.is_file():
         raise FileNotFoundError(f"schedule file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"schedule file {path} is not a text (UTF-8 JSON) file; write one with "
+                         "`spark3r calibrate --out FILE`") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"schedule file {path} is not valid JSON: {e}") from e
-    return KVSchedule.from_dict(data)
+        raise ValueError(f"schedule file {path} is not valid JSON: {e}") from None
+    try:
+        return KVSchedule.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"schedule file {path}: {e}") from None
 
 
 # Default per-layer keep fractions, as a profile over the relative depth t = layer / (L - 1).

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,11 @@ import torch
 from spark3r.accel.apply import global_modules, remove
 from spark3r.accel.common import exact_attention, relative_error
 from spark3r.accel.schedule import KVSchedule, LayerTiers, save_schedule, save_tiers
-from spark3r.accel.spark3r import RECIPES, Spark3RConfig, Spark3ROp
+from spark3r.accel.spark3r import KV_SCORES, RECIPES, Spark3RConfig, Spark3ROp
 from spark3r.accel.spark3r_paper import Spark3RPaperOp
+from spark3r.data import strict_json
 from spark3r.models.base import BackboneOutputs
+from spark3r.threads import add_threads_argument, apply_threads, resolve_threads
 
 from . import flops as flops_mod
 from .runner import fidelity
@@ -168,6 +169,18 @@ def allocate(errors: list[dict], costs: list[dict], budget: float) -> list[float
     return choose(hi)
 
 
+def check_target_reachable(cfg: CalibrateConfig, dense: float, costs: list[dict]) -> None:
+    """ValueError if even the smallest candidate in every layer misses ``cfg.target`` (global-
+    attention FLOP reduction at ``cfg.frames``); ``costs``: per layer, candidate -> FLOPs."""
+    best = dense / sum(min(cost.values()) for cost in costs)
+    if best < cfg.target:
+        raise ValueError(
+            f"--target {cfg.target:g} cannot be reached: with the smallest candidate ({min(cfg.candidates):g}) in every "
+            f"global layer the FLOP model gives {best:.3g}x at {cfg.frames} frames of {cfg.size[0]}x{cfg.size[1]} "
+            f"(query merging and overheads included); lower --target to at most {math.floor(best * 100) / 100:g}, "
+            "add smaller --candidates or calibrate at more --frames. Nothing was measured.")
+
+
 def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
     from spark3r.models import load_pretrained
     from spark3r.models.registry import inference_overrides
@@ -177,8 +190,6 @@ def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
     model = load_pretrained(cfg.model, cfg.checkpoint or "seeded", device=device, dtype=dtype,
                             **inference_overrides(cfg.model)).eval()
     weights = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else "seeded-v1 (synthetic)"
-    images, source = load_inputs(cfg)
-    images = images.to(device, dtype)
     h, w = cfg.size
     modules = global_modules(model)
     num_layers = len(modules)
@@ -192,7 +203,15 @@ def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
         return Spark3ROp(Spark3RConfig(schedule=sched, **spark), sched)
 
     geometry = flops_mod.model_geometry(model, cfg.frames, h, w)
-    layer_errors, attn_errors, costs = [], [], []
+    # Every candidate is priced by the FLOP model before anything is measured, so a target that
+    # no choice of candidates reaches is refused at once instead of after minutes of forwards.
+    costs = [{c: flops_mod.layer_flops(single_layer_op(layer, c), geometry.layouts[layer], geometry.heads,
+                                       geometry.head_dim)["total"] for c in cfg.candidates} for layer in range(num_layers)]
+    dense = flops_mod.global_attention_flops(None, geometry)["total"]
+    check_target_reachable(cfg, dense, costs)
+    images, source = load_inputs(cfg)
+    images = images.to(device, dtype)
+    layer_errors, attn_errors = [], []
     with torch.inference_mode():
         remove(model)
         # The per-frame encoder does not see the global layers: encode once, reuse in every run.
@@ -209,12 +228,9 @@ def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
                 remove(model)
                 errs[c], _ = output_error(model.decode(out, (h, w)), ref)
                 attn[c] = probe.errors[c]
-            lay = geometry.layouts[layer]
-            costs.append({c: flops_mod.layer_flops(op, lay, geometry.heads, geometry.head_dim)["total"] for c, op in ops.items()})
             layer_errors.append(errs)
             attn_errors.append(attn)
             log(f"layer {layer}: " + ", ".join(f"keep {c:g}: out {errs[c]:.3g} attn {attn[c]:.3g}" for c in cfg.candidates))
-    dense = flops_mod.global_attention_flops(None, geometry)["total"]
     budget = dense / cfg.target
     choice = allocate(layer_errors, costs, budget)
     achieved = dense / sum(cost[c] for cost, c in zip(costs, choice))
@@ -318,18 +334,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=d.frames, help=f"frames per forward (default {d.frames})")
     p.add_argument("--size", type=_parse_pair, default=d.size, help="input size HxW, multiples of 14 (default 392x518)")
     p.add_argument("--target", type=float, default=d.target,
-                   help=f"global-attention FLOP reduction to reach at --frames (default {d.target:g})")
+                   help=f"global-attention FLOP reduction to reach at --frames (default {d.target:g}); checked "
+                        "against the FLOP model before anything is measured")
     p.add_argument("--candidates", default=",".join(f"{c:g}" for c in d.candidates),
                    help="comma-separated K/V keep fractions to try per layer")
-    p.add_argument("--query-group", type=_parse_pair, default=d.query_group)
-    p.add_argument("--query-keep", type=int, default=d.query_keep)
-    p.add_argument("--kv-score", default=d.kv_score)
-    p.add_argument("--kv-compensation", type=_parse_bool, default=d.kv_compensation)
-    p.add_argument("--decay", type=float, default=d.decay)
-    p.add_argument("--min-per-frame", type=int, default=d.min_per_frame)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int)
+    p.add_argument("--query-group", type=_parse_pair, default=d.query_group,
+                   help=f"Spark3R query merge group RxC of neighbouring patch tokens (default {d.query_group[0]}x{d.query_group[1]})")
+    p.add_argument("--query-keep", type=int, default=d.query_keep,
+                   help=f"queries kept per merge group, 1..R*C (default {d.query_keep})")
+    p.add_argument("--kv-score", default=d.kv_score,
+                   help=f"how keys/values are ranked for the K/V budget: {', '.join(KV_SCORES)} (default {d.kv_score})")
+    p.add_argument("--kv-compensation", type=_parse_bool, default=d.kv_compensation,
+                   help=f"true/false: per frame, one extra token stands for the pruned keys/values "
+                        f"(default {str(d.kv_compensation).lower()})")
+    p.add_argument("--decay", type=float, default=d.decay,
+                   help=f"0..1, how per-frame K/V budgets shrink for windows larger than --frames: "
+                        f"(frames / S) ** decay; written into the schedule (default {d.decay:g})")
+    p.add_argument("--min-per-frame", type=int, default=d.min_per_frame,
+                   help=f"keys/values kept per frame at least, written into the schedule (default {d.min_per_frame})")
+    p.add_argument("--device", default=d.device, help=f"torch device: cpu, cuda, cuda:1, ... (default {d.device})")
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
+                   help=f"model/compute dtype (default {d.dtype})")
+    add_threads_argument(p)
     p.add_argument("--recipe", default=d.recipe, choices=RECIPES,
                    help="ours: per-layer K/V budgets for --target; paper: the two-tier sensitivity probe -> layer tiers")
     p.add_argument("--probe-factors", type=_parse_factors, default=d.probe_factors,
@@ -350,8 +376,7 @@ def _parse_factors(text: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(resolve_threads(args.threads))
     try:
         cands = tuple(float(c) for c in args.candidates.split(",") if c.strip())
     except ValueError as e:
@@ -362,9 +387,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.recipe == "paper":
         tiers, report = calibrate_tiers(cfg, log=lambda s: print(s, file=sys.stderr))
         save_tiers(tiers, args.out)
-        print(json.dumps({**report, "written": str(args.out)}, indent=1))
+        print(strict_json.dumps({**report, "written": str(args.out)}, indent=1))
         return 0
     schedule, report = calibrate(cfg, log=lambda s: print(s, file=sys.stderr))
     save_schedule(schedule, args.out)
-    print(json.dumps({**report, "written": str(args.out)}, indent=1))
+    print(strict_json.dumps({**report, "written": str(args.out)}, indent=1))
     return 0

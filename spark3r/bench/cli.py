@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .runner import PRESETS, SCOPES, config_from_preset, run_bench, summary_table
+from spark3r.data import strict_json
+from spark3r.threads import add_threads_argument
+
 from .cli_args import add_method_arguments, method_params, parse_size
 
 
@@ -17,10 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, help="frames per forward")
     p.add_argument("--size", help="input size HxW, multiples of 14 (e.g. 392x518)")
     p.add_argument("--scope", choices=SCOPES, help="what is timed: one global attention op, the aggregator, or the model")
-    p.add_argument("--methods", help="comma-separated methods (default dense,uniform,spark3r)")
+    p.add_argument("--methods", help="comma-separated methods (default dense,uniform,spark3r,speed3r)")
     p.add_argument("--repeats", type=int, help="timed repeats per method (min and median are reported)")
     p.add_argument("--flops-only", action="store_true", default=None, help="analytic FLOPs only, run nothing")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    add_threads_argument(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model/compute dtype (default float32)")
     p.add_argument("--checkpoint", help="real weights (file, HF directory); default: seeded-v1 synthetic weights")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     overrides["method_params"] = method_params(args, methods or ())
     cfg = config_from_preset(args.preset, **overrides)
     result = run_bench(cfg)
-    text = json.dumps(result, indent=1, default=str)
+    text = strict_json.dumps(result, indent=1, default=str)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from spark3r.accel.common import relative_error
 from spark3r.models.base import BackboneOutputs
 from spark3r.models.camera import invert_rigid
 from spark3r.models.layers.layout import TokenLayout
+from spark3r.threads import apply_threads, resolve_threads, usable_cpus
 
 from . import flops as flops_mod
 
@@ -38,7 +39,7 @@ class BenchPreset:
     frames: int
     size: tuple[int, int]  # (height, width)
     scope: str = "model"
-    methods: tuple[str, ...] = ("dense", "uniform", "spark3r")
+    methods: tuple[str, ...] = ("dense", "uniform", "spark3r", "speed3r")
     repeats: int = 2
     flops_only: bool = False
     note: str = ""
@@ -56,6 +57,9 @@ PRESETS: dict[str, BenchPreset] = {
     # The paper's headline size, FLOPs only.
     "flops-1000": BenchPreset("vggt-1b", 1000, (392, 518), "model", flops_only=True,
                               note="VGGT-1B, 1000 frames of 518x392, analytic FLOPs only"),
+    # Speed3R's headline size: the learned Speed3R-π3 vs its dense form, FLOPs only.
+    "flops-1024-speed3r": BenchPreset("pi3-speed3r", 1024, (336, 504), "model", methods=("dense", "speed3r"),
+                                      flops_only=True, note="pi3-speed3r, 1024 frames of 504x336, analytic FLOPs only"),
 }
 
 SCOPES = ("attention", "aggregator", "model")
@@ -210,11 +214,11 @@ class BenchConfig:
     frames: int
     size: tuple[int, int]
     scope: str = "model"
-    methods: tuple[str, ...] = ("dense", "uniform", "spark3r")
+    methods: tuple[str, ...] = ("dense", "uniform", "spark3r", "speed3r")
     method_params: dict = field(default_factory=dict)  # method -> {param: value}
     repeats: int = 2
     flops_only: bool = False
-    threads: Optional[int] = None
+    threads: int = 0  # 0 = auto (spark3r.threads.default_threads)
     device: str = "cpu"
     dtype: str = "float32"
     checkpoint: Optional[str] = None
@@ -238,6 +242,12 @@ class BenchConfig:
         unknown = set(self.method_params) - set(self.methods)
         if unknown:
             raise ValueError(f"parameters given for methods not being run: {sorted(unknown)}")
+        from spark3r.models.registry import preset_class
+
+        supported = getattr(preset_class(self.model), "supported_accel_methods", None)
+        if supported is not None and set(self.methods) - set(supported):
+            raise ValueError(f"{self.model} supports only the methods {list(supported)} (--methods), "
+                             f"not {sorted(set(self.methods) - set(supported))}")
 
 
 def config_from_preset(name: str, **overrides) -> BenchConfig:
@@ -315,14 +325,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark and return the JSON-ready result."""
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = apply_threads(resolve_threads(cfg.threads))
     h, w = cfg.size
     result: dict[str, Any] = {
         "format": "spark3r-bench/1",
         "preset": cfg.preset,
         "config": {**dataclasses.asdict(cfg), "size": list(cfg.size), "methods": list(cfg.methods)},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+        "environment": {"torch": torch.__version__, "threads": threads, "usable_cpus": usable_cpus(),
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "device": str(device),
                         "dtype": cfg.dtype,
                         # whether spark3r's fused CPU merge kernel could be built (else eager PyTorch)
                         "native_merge_kernel": device.type == "cpu" and native.load("pair_merge") is not None},

@@ -211,6 +211,19 @@ def open_reader(path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"bag {path} does not exist")
+    if path.is_dir() and not (path / "metadata.yaml").is_file():
+        # A copied or hand-made bag folder often lacks metadata.yaml; one storage file can be
+        # read on its own, several cannot be ordered without it.
+        storage = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".mcap", ".db3"))
+        if not storage:
+            raise ValueError(f"{path} is not a readable rosbag2 bag: the folder has no metadata.yaml and no "
+                             ".mcap/.db3 file")
+        if len(storage) > 1:
+            listed = ", ".join(p.name for p in storage)
+            raise ValueError(f"bag folder {path} has no metadata.yaml, so its storage files ({listed}) cannot be "
+                             "read as one bag; pass a single .mcap/.db3 file as the input, or restore metadata.yaml "
+                             "(`ros2 bag reindex`)")
+        path = storage[0]
     try:
         reader = Reader(path)
         reader.open()

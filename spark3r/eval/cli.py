@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-cloud", type=Path, help="reference PLY in the ground-truth frame (default: "
                    "<gt>/../reference.ply if present)")
     p.add_argument("--cloud-threshold", type=float, default=0.05, help="distance for precision/recall, cloud units")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write eval.json only, no PNG plots")
 
 
 def run(args) -> int:

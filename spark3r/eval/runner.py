@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from spark3r.data import strict_json
 from spark3r.data.io import atomic_write, read_ply, read_tum_trajectory
 from spark3r.eval.cloud import cloud_metrics
 from spark3r.eval.depth import aggregate, frame_depth_metrics, sample_at_cells
@@ -79,7 +80,7 @@ def evaluate(estimate, ground_truth, out=None, alignment: str = "sim3", max_diff
     if depth_scale not in DEPTH_SCALES:
         raise ValueError(f"depth_scale must be one of {DEPTH_SCALES}, got {depth_scale!r}")
     if not (np.isfinite(max_diff_s) and max_diff_s >= 0):
-        raise ValueError(f"max_diff must be a non-negative number of seconds, got {max_diff_s!r}")
+        raise ValueError(f"--max-diff must be a non-negative number of seconds, got {max_diff_s!r}")
     estimate, ground_truth = Path(estimate), Path(ground_truth)
     est_paths = _estimate_paths(estimate)
     max_diff_ns = int(round(max_diff_s * 1e9))
@@ -111,5 +112,5 @@ def evaluate(estimate, ground_truth, out=None, alignment: str = "sim3", max_diff
             report["plots"] = {"trajectory_top": str(plot_trajectory_top_view(result, out / "trajectory_top.png")),
                                "errors": str(plot_errors_over_time(result, out / "errors.png"))}
         with atomic_write(out / "eval.json", "w") as fh:
-            json.dump(report, fh, indent=1)
+            strict_json.dump(report, fh, indent=1)
     return report

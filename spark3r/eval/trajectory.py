@@ -133,7 +133,8 @@ def evaluate_trajectory(est_stamps_ns, est_poses, gt_stamps_ns, gt_poses, alignm
     ei, gi = associate(est_stamps_ns, gt_stamps_ns, max_diff_ns)
     if len(ei) == 0:
         raise ValueError(f"no estimate stamp is within {max_diff_ns / 1e6:g} ms of a ground-truth stamp "
-                         "(wrong ground truth, or stamps in another clock?); raise max_diff if they are offset")
+                         "(wrong ground truth, or stamps in another clock?); if they are offset, raise the association "
+                         "threshold (spark3r eval --max-diff SECONDS)")
     est, gt = est_poses[ei], gt_poses[gi]
     transform = align(est, gt, alignment)
     aligned = transform.apply_to_poses(est)

@@ -268,8 +268,8 @@ class OutputConfig:
 
 @dataclass
 class BackboneConfig:
-    backbone: str = param("vggt-1b", "model preset: vggt-1b, pi3, da3-small, da3-base, da3-large, da3-giant (vggt-tiny, "
-                                     "pi3-tiny for tests)", non_empty=True)
+    backbone: str = param("vggt-1b", "model preset: vggt-1b, pi3, pi3-speed3r, da3-small, da3-base, da3-large, "
+                                     "da3-giant (vggt-tiny, pi3-tiny, pi3-speed3r-tiny for tests)", non_empty=True)
     checkpoint: str = param("", "weights: a file / directory / hub id, or 'seeded' for deterministic test weights; empty = "
                                 "none (refused)")
     device: str = param("cpu", "torch device, e.g. cpu or cuda:0", non_empty=True)
@@ -278,17 +278,21 @@ class BackboneConfig:
     # The method name is checked against spark3r.accel's registry when the backbone is built
     # (importing it here would pull torch into the configuration layer).
     reduction: str = param("dense", "global-attention token reduction method registered in spark3r.accel (dense, "
-                                    "uniform, spark3r, ...); its parameters are reduction.<name>", non_empty=True)
+                                    "uniform, spark3r, speed3r, ...); its parameters are reduction.<name>", non_empty=True)
     reduction_schedule: str = param("", "Spark3R key/value schedule JSON file for reduction 'spark3r' (with "
                                         "reduction.recipe 'paper': a layer-tiers file from `spark3r calibrate --recipe "
                                         "paper`; '' = the backbone's default)")
     reduction_params: dict = field(default_factory=dict, metadata={
         "doc": "keyword parameters of the reduction method (flat: reduction.<name>); reduction_schedule is added as "
                "'schedule'"})
-    image_width: int = param(518, "network input width in pixels (multiple of 14); height follows the aspect ratio",
+    image_width: int = param(518, "network input width in pixels (multiple of 14; rounded down to 56 for "
+                                  "pi3-speed3r); height follows the aspect ratio",
                              range=(28, 4088), step=14)
     cache_max_frames: int = param(0, "patch-embedding cache capacity in keyframes (0 = window_size + window_stride)",
                                   range=(0, 100000))
+    threads: int = param(0, "CPU threads for inference (torch intra-op), set in the thread that runs the backbone before "
+                            "every window; 0 = auto: usable cores - 1 (one is left to the ROS executor, image decoding "
+                            "and other processes), at least 1", range=(0, 1024))
 
     def __post_init__(self) -> None:
         check_fields(self)

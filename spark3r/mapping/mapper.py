@@ -91,6 +91,7 @@ class MapperStats:
     keyframes_dropped_unmapped: int = 0                    # left the window without ever being mapped
     frames_missing_intrinsics: int = 0                     # K absent/invalid: backbone's intrinsics used
     windows: int = 0                                       # backbone runs
+    last_window_stamp_ns: int = 0                          # newest keyframe stamp of the last backbone run
     windows_mapped: int = 0
     windows_dropped_nonfinite: int = 0                     # NaN/inf poses or intrinsics in the output
     windows_dropped_invalid: int = 0                       # wrong shapes from the backbone
@@ -343,6 +344,7 @@ class Mapper:
     def _run_window(self, generation: int) -> Optional[WindowResult]:
         window = [s.keyframe for s in self._window]
         self._stats.windows += 1
+        self._stats.last_window_stamp_ns = window[-1].stamp_ns
         t0 = time.monotonic()
         try:
             pred = self.backbone.predict(window)

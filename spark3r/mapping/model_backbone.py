@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..models.base import BackboneOutputs
+from ..threads import apply_threads, resolve_threads
 from .backbone import Prediction
 from .config import BackboneConfig
 from .frames import Keyframe
@@ -39,6 +40,7 @@ class NetworkGeometry:
     network_hw: tuple[int, int]            # model input size
     box: tuple[float, float, float, float]  # image region (edge coords) the network input shows
     resized_height: int                    # height after the resize, before the centre crop
+    multiple: int = 14                     # network sides are multiples of this
 
     def network_to_image_K(self, K_net: np.ndarray) -> np.ndarray:
         """Intrinsics ``[..., 3, 3]`` in network pixels -> keyframe-image pixels (both with pixel
@@ -53,12 +55,12 @@ class NetworkGeometry:
             return A @ K_net
 
 
-def network_geometry(image_hw: tuple[int, int], image_width: int) -> NetworkGeometry:
-    """Geometry of ``preprocess_image(image, "crop", image_width)`` for an image of ``image_hw``."""
+def network_geometry(image_hw: tuple[int, int], image_width: int, multiple: int = 14) -> NetworkGeometry:
+    """Geometry of ``preprocess_image(image, "crop", image_width, multiple)`` for an image of ``image_hw``."""
     from ..models.preprocess import target_size_for
 
     H, W = image_hw
-    new_w, resized_h = target_size_for(W, H, "crop", image_width)
+    new_w, resized_h = target_size_for(W, H, "crop", image_width, multiple)
     if resized_h == 0:
         raise ValueError(f"image {W}x{H} is too elongated for a network input {image_width} pixels wide")
     net_h = min(resized_h, image_width)
@@ -66,7 +68,7 @@ def network_geometry(image_hw: tuple[int, int], image_width: int) -> NetworkGeom
     # Rows [top, top + net_h) of the resized image, expressed in image edge coordinates.
     y_scale = H / resized_h
     box = (0.0, top * y_scale, float(W), (top + net_h) * y_scale)
-    return NetworkGeometry((H, W), (net_h, new_w), box, resized_h)
+    return NetworkGeometry((H, W), (net_h, new_w), box, resized_h, multiple)
 
 
 def preprocess(image: np.ndarray, geometry: NetworkGeometry) -> torch.Tensor:
@@ -75,7 +77,7 @@ def preprocess(image: np.ndarray, geometry: NetworkGeometry) -> torch.Tensor:
 
     if image.shape[:2] != geometry.image_hw:
         raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, geometry expects {geometry.image_hw[1]}x{geometry.image_hw[0]}")
-    out = preprocess_image(image, "crop", geometry.network_hw[1])
+    out = preprocess_image(image, "crop", geometry.network_hw[1], geometry.multiple)
     if tuple(out.shape[1:]) != geometry.network_hw:
         raise RuntimeError(f"preprocessing gave {tuple(out.shape[1:])}, expected {geometry.network_hw}")
     return out
@@ -144,7 +146,7 @@ class ModelBackbone:
     the model's). The model's own dtype is used for its blocks; heads decide their own precision.
     """
 
-    def __init__(self, model, *, image_width: int = 518, cache_max_frames: int = 24, device=None):
+    def __init__(self, model, *, image_width: int = 518, cache_max_frames: int = 24, device=None, threads: int = 0):
         if not callable(getattr(model, "decode", None)) or not callable(getattr(model, "encode_patches", None)):
             raise TypeError(f"{type(model).__name__} is not a spark3r backbone (spark3r.models.base.BackboneModel: "
                             f"encode_patches and decode are needed)")
@@ -152,9 +154,18 @@ class ModelBackbone:
         self.patch_size = int(getattr(getattr(model, "config", None), "patch_size", 14))
         if image_width < 2 * self.patch_size or image_width % self.patch_size:
             raise ValueError(f"image_width must be a multiple of {self.patch_size} and >= {2 * self.patch_size}, got {image_width}")
-        self.image_width = int(image_width)
+        # Network sides must be multiples of this (56 for Speed3R-π3's 4x4 patch windows); the
+        # width is rounded down to it, so the shared default 518 works for every backbone.
+        self.multiple = int(getattr(model, "image_multiple", self.patch_size))
+        if image_width < self.multiple:
+            raise ValueError(f"image_width must be >= {self.multiple} for this backbone, got {image_width}")
+        self.image_width = int(image_width) // self.multiple * self.multiple
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.cache = PatchCache(cache_max_frames) if cache_max_frames > 0 else None
+        # CPU threads of every forward (0 = auto, spark3r.threads); set in the calling thread
+        # because OpenMP keeps the team size per thread. threads_used: what the last forward got.
+        self.threads = resolve_threads(threads)
+        self.threads_used: Optional[int] = None
 
     @classmethod
     def from_config(cls, config: BackboneConfig, window_size: int = 16, window_stride: int = 8) -> "ModelBackbone":
@@ -184,7 +195,7 @@ class ModelBackbone:
         if config.reduction != "dense" or config.reduction_params:
             accel.apply(model, config.reduction, **config.reduction_params)
         cache = config.cache_max_frames or (window_size + window_stride)
-        return cls(model, image_width=config.image_width, cache_max_frames=cache, device=device)
+        return cls(model, image_width=config.image_width, cache_max_frames=cache, device=device, threads=config.threads)
 
     # -- Backbone protocol ---------------------------------------------------------------------
 
@@ -194,7 +205,8 @@ class ModelBackbone:
         shapes = {kf.image.shape[:2] for kf in window}
         if len(shapes) != 1:
             raise ValueError(f"all keyframes of a window must have the same image size, got {sorted(shapes)}")
-        geometry = network_geometry(next(iter(shapes)), self.image_width)
+        geometry = network_geometry(next(iter(shapes)), self.image_width, self.multiple)
+        self.threads_used = apply_threads(self.threads)  # before the encoder of new keyframes, too
         images, tokens = self._inputs(window, geometry)
         with torch.inference_mode():
             outputs = self.model(images[None], patch_tokens=tokens[None], heads=MAPPING_HEADS)

@@ -13,11 +13,17 @@ pose, ``map -> odom`` the identity and Odometry is given in ``odom``. Without it
 keyframe stamp (from the caller's lookup) and Odometry is given in ``map``. ``map -> odom`` is
 future-dated by ``transform_tolerance``; everything else carries its keyframe's stamp. TF never
 carries scale: the mapper's poses are rigid.
+
+Odometry carries a pose and twist covariance derived from the window's alignment, and the
+composer keeps the tracking state (:mod:`spark3r.mapping.tracking`, formula there): a window that
+the mapper could not map while a map exists (:meth:`OutputComposer.compose_lost`) makes the state
+``LOST`` and gives an Odometry record holding the last pose with a very large covariance.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,6 +32,8 @@ from scipy.spatial.transform import Rotation
 from spark3r.geometry import invert_rigid
 
 from .config import OutputConfig
+from .tracking import (TrackingMonitor, alignment_error, lost_covariance, pose_covariance, twist_covariance,
+                       typical_depth)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class OdometryRecord:
     pose: np.ndarray     # rigid 4x4, pose of child in frame_id
     linear: np.ndarray   # [3] m/s (map units/s) in the child (body) frame
     angular: np.ndarray  # [3] rad/s in the child (body) frame
+    pose_covariance: np.ndarray = field(default_factory=lambda: lost_covariance())   # 6x6, x y z rx ry rz
+    twist_covariance: np.ndarray = field(default_factory=lambda: lost_covariance())  # 6x6, body frame
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,8 @@ class OutputComposer:
         self._path: deque[PoseRecord] = deque(maxlen=config.path_max_size)
         self._last_base_pose: Optional[tuple[int, np.ndarray]] = None
         self.latest_stamp_ns = 0
+        self.tracking = TrackingMonitor()
+        self.last_pose_covariance: Optional[np.ndarray] = None
 
     @property
     def owns_odometry(self) -> bool:
@@ -115,9 +127,11 @@ class OutputComposer:
         return self.config.publish_map_to_odom_tf and not self.config.publish_odom_to_base_tf
 
     def reset(self) -> None:
-        """A new map: no path, no velocity history."""
+        """A new map: no path, no velocity history, nothing tracked."""
         self._path.clear()
         self._last_base_pose = None
+        self.tracking.reset()
+        self.last_pose_covariance = None
 
     def compose_window(self, result, odom_to_base: Optional[OdomLookup] = None) -> WindowOutputs:
         """Records for one window (``result.keyframes`` non-empty). ``odom_to_base(stamp_ns)``
@@ -126,6 +140,10 @@ class OutputComposer:
             self.reset()
         cfg = self.config
         keyframes, missing = [], []
+        self.tracking.mapped()
+        depth = typical_depth(result.points_xyz, [kf.camera_to_map[:3, 3] for kf in result.keyframes])
+        pose_cov = pose_covariance(alignment_error(result.residual, result.inlier_fraction), depth)
+        self.last_pose_covariance = pose_cov
         for kf in result.keyframes:
             stamp, T_map_base = kf.stamp_ns, kf.base_to_map
             self._path.append(PoseRecord(stamp, cfg.map_frame, T_map_base))
@@ -139,7 +157,7 @@ class OutputComposer:
                 else:
                     transforms.append(TransformRecord(stamp + cfg.transform_tolerance_ns, cfg.map_frame,
                                                       cfg.odom_frame, T_map_odom))
-            keyframes.append(KeyframeOutputs(self._odometry(stamp, T_map_base), tuple(transforms)))
+            keyframes.append(KeyframeOutputs(self._odometry(stamp, T_map_base, pose_cov), tuple(transforms)))
         latest = result.keyframes[-1].stamp_ns
         self.latest_stamp_ns = latest
         return WindowOutputs(tuple(keyframes), self.path(latest),
@@ -151,15 +169,37 @@ class OutputComposer:
         T_odom_base = odom_to_base(stamp_ns) if odom_to_base is not None else None
         return None if T_odom_base is None else T_map_base @ invert_rigid(T_odom_base, tol=1e-4)
 
-    def _odometry(self, stamp_ns: int, T_map_base: np.ndarray) -> OdometryRecord:
-        linear, angular = np.zeros(3), np.zeros(3)
+    def tracking_values(self) -> dict:
+        """Tracking state, its counters and the last published position standard deviation."""
+        cov = self.last_pose_covariance
+        return {**self.tracking.as_dict(), "position_stddev": math.sqrt(cov[0, 0]) if cov is not None else float("nan")}
+
+    def compose_lost(self, stamp_ns: int) -> Optional[OdometryRecord]:
+        """A window up to ``stamp_ns`` gave no poses. With a map, tracking is now lost: returns the
+        Odometry record to publish (the last pose, zero twist, ``LOST_VARIANCE`` covariances);
+        before any map, None (still initialising)."""
+        if not self.tracking.failed() or self._last_base_pose is None:
+            return None
+        stamp = max(int(stamp_ns), self._last_base_pose[0])
+        self.last_pose_covariance = lost_covariance()
+        return OdometryRecord(stamp, self._odometry_frame, self.config.base_frame, self._last_base_pose[1],
+                              np.zeros(3), np.zeros(3), lost_covariance(), lost_covariance())
+
+    @property
+    def _odometry_frame(self) -> str:
+        # Without own odometry the pose is only known in the map frame.
+        return self.config.odom_frame if self.owns_odometry else self.config.map_frame
+
+    def _odometry(self, stamp_ns: int, T_map_base: np.ndarray, pose_cov: np.ndarray) -> OdometryRecord:
+        linear, angular, twist_cov = np.zeros(3), np.zeros(3), lost_covariance()
         previous = self._last_base_pose
         if previous is not None and stamp_ns > previous[0]:
-            linear, angular = body_twist(previous[1], T_map_base, (stamp_ns - previous[0]) * 1e-9)
+            dt = (stamp_ns - previous[0]) * 1e-9
+            linear, angular = body_twist(previous[1], T_map_base, dt)
+            twist_cov = twist_covariance(pose_cov, dt)
         self._last_base_pose = (stamp_ns, T_map_base)
-        # Without own odometry the pose is only known in the map frame.
-        frame = self.config.odom_frame if self.owns_odometry else self.config.map_frame
-        return OdometryRecord(stamp_ns, frame, self.config.base_frame, T_map_base, linear, angular)
+        return OdometryRecord(stamp_ns, self._odometry_frame, self.config.base_frame, T_map_base, linear, angular,
+                              pose_cov, twist_cov)
 
     def path(self, stamp_ns: Optional[int] = None) -> PathRecord:
         """The keyframe path so far (empty after :meth:`reset`)."""

@@ -133,6 +133,12 @@ class BackboneModel(nn.Module):
     # -- shared by every backbone -------------------------------------------------------------
 
     @property
+    def image_multiple(self) -> int:
+        """Input height and width must be multiples of this (the patch size, unless a backbone
+        groups patches further)."""
+        return int(self.config.patch_size)
+
+    @property
     def num_global_layers(self) -> int:
         return len(self.global_attention_modules())
 

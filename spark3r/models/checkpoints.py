@@ -28,13 +28,17 @@ _WEIGHT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bi
 class CheckpointMismatchError(ValueError):
     """The checkpoint's entries do not match the model's state dict."""
 
-    def __init__(self, missing: list[str], unexpected: list[str], wrong_shape: list[tuple[str, tuple, tuple]]):
+    def __init__(self, missing: list[str], unexpected: list[str], wrong_shape: list[tuple[str, tuple, tuple]],
+                 summary: Optional[str] = None):
         self.missing = missing
         self.unexpected = unexpected
         self.wrong_shape = wrong_shape
-        super().__init__(self._message())
+        # A one-line diagnosis (e.g. "this is a vggt-tiny checkpoint") replaces the key lists in
+        # the message; the lists stay available as attributes.
+        self.summary = summary
+        super().__init__(summary if summary is not None else self._message())
 
-    def _message(self, limit: int = 20) -> str:
+    def _message(self, limit: int = 10) -> str:
         def block(title: str, items: list[str]) -> str:
             shown = items[:limit]
             more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
@@ -98,17 +102,32 @@ def _table_from_safetensors(path: Path) -> _Table:
         raise CheckpointReadError(f"cannot read safetensors file {path}: {exc}") from exc
 
 
+# The first bytes of a legacy (pre-1.6, non-zip) torch.save file: a pickle protocol 2+ opcode.
+_PICKLE_PROTOCOL_OPCODE = 0x80
+
+
 def _table_from_torch_file(path: Path) -> _Table:
-    try:
-        # mmap keeps the tensors file-backed; weights_only refuses arbitrary pickled code.
-        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    # torch's own errors for a file that is not a checkpoint at all ("re-save with zipfile
+    # serialization", "invalid load key") send users the wrong way: look at the container first.
+    if zipfile.is_zipfile(path):
+        try:
+            # mmap keeps the tensors file-backed; weights_only refuses arbitrary pickled code.
+            obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:
+            raise CheckpointReadError(f"cannot read torch checkpoint {path}: {exc}") from exc
+    else:
+        with open(path, "rb") as fh:
+            head = fh.read(1)
+        if not head or head[0] != _PICKLE_PROTOCOL_OPCODE:
+            raise CheckpointReadError(
+                f"cannot read {path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a legacy pickle): "
+                "a truncated or corrupt download, or another file format? Expected a .pt/.pth written by "
+                "torch.save, a .safetensors file or a Hugging Face model directory")
         try:  # legacy (non-zip) torch.save files cannot be memory-mapped
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception:
-            raise CheckpointReadError(f"cannot read torch checkpoint {path}: {exc}") from exc
-    except Exception as exc:
-        raise CheckpointReadError(f"cannot read torch checkpoint {path}: {exc}") from exc
+        except Exception as exc:
+            raise CheckpointReadError(f"cannot read legacy torch checkpoint {path} (corrupt or truncated?): "
+                                      f"{type(exc).__name__}: {exc}") from exc
     return _table_from_mapping(_unwrap(obj, str(path)))
 
 
@@ -324,14 +343,34 @@ def _read_hf_config(directory: Path) -> Optional[dict]:
     return cfg
 
 
+# π3 and Speed3R-π3 checkpoints (PyTorchModelHubMixin) store their constructor arguments, the same
+# for both ({"decoder_size": "large", "pos_type": "rope100"}); the weights' names tell them apart.
+_PI3_FAMILY_CONFIG = {"decoder_size": "large", "pos_type": "rope100"}
+
+
+def _pi3_family_preset(directory: Path, cfg: dict) -> Optional[str]:
+    if not any(key in cfg for key in _PI3_FAMILY_CONFIG):
+        return None
+    for key, supported in _PI3_FAMILY_CONFIG.items():
+        if cfg.get(key, supported) != supported:
+            raise CheckpointReadError(f"config.json {key}={cfg[key]!r}: only {key}={supported!r} π3 models have a preset")
+    try:
+        names = _table_from_file(_weights_in_directory(directory))
+    except CheckpointReadError:
+        return None  # a config without weights (e.g. only config.json fetched) declares nothing
+    return "pi3-speed3r" if any(k.startswith("global_decoder.") for k in names) else "pi3"
+
+
 def preset_from_hf_config(directory) -> Optional[str]:
     """The preset a Hugging Face checkpoint directory declares (DA3's ``config.json``
-    ``model_name``, e.g. ``"da3-large"``), or None when it declares none. An unknown
-    ``model_name`` is an error (not silently some other architecture)."""
-    cfg = _read_hf_config(Path(directory).expanduser())
+    ``model_name``, e.g. ``"da3-large"``; π3's ``decoder_size``/``pos_type``, with the weight
+    names choosing between ``pi3`` and ``pi3-speed3r``), or None when it declares none. An
+    unknown ``model_name`` is an error (not silently some other architecture)."""
+    directory = Path(directory).expanduser()
+    cfg = _read_hf_config(directory)
     name = (cfg or {}).get("model_name")
     if name is None:
-        return None
+        return _pi3_family_preset(directory, cfg) if cfg else None
     if name not in HF_MODEL_NAMES:
         raise CheckpointReadError(
             f"config.json model_name {name!r} has no spark3r preset; supported: {sorted(HF_MODEL_NAMES)}"
@@ -347,6 +386,9 @@ def _declared_preset(source) -> Optional[str]:
     if path.is_dir():
         return preset_from_hf_config(path)
     if isinstance(source, str) and _looks_like_hub_id(source) and not path.exists():
+        published = [preset for preset, repo in DEFAULT_SOURCES.items() if repo == source]
+        if published:
+            return published[0]
         try:
             from huggingface_hub import hf_hub_download
 
@@ -365,7 +407,7 @@ def _check_hf_config(directory: Path, model: nn.Module) -> None:
     cfg = _read_hf_config(directory)
     if cfg is None or not hasattr(model, "config"):
         return
-    declared = preset_from_hf_config(directory)
+    declared = preset_from_hf_config(directory) if "model_name" in cfg else None
     preset = getattr(model, "preset", None)
     if declared is not None and preset is not None and declared != preset:
         raise CheckpointMismatchError([], [], [("config.json:model_name", (declared,), (preset,))])
@@ -392,7 +434,9 @@ def load_pretrained(
     """Build ``preset`` on the meta device and load ``source`` (default: the preset's hub repo).
 
     ``preset=None`` takes the preset from the checkpoint directory's ``config.json`` (DA3's
-    ``model_name``); a declared ``model_name`` that contradicts ``preset`` is refused.
+    ``model_name``; π3's ``decoder_size``/``pos_type``, where the weights decide between ``pi3``
+    and ``pi3-speed3r``) or from a published hub id; a declared ``model_name`` that contradicts
+    ``preset`` is refused.
 
     ``source="seeded"`` gives the deterministic seeded-v1 synthetic weights (tests, demos and
     benchmarks without real checkpoints; never meaningful geometry).
@@ -405,7 +449,7 @@ def load_pretrained(
         preset = _declared_preset(source)
         if preset is None:
             raise ValueError("preset=None needs a checkpoint directory or hub id whose config.json names the "
-                             "model (DA3 'model_name'); pass a preset otherwise")
+                             "model (DA3 'model_name', π3 'decoder_size'/'pos_type'); pass a preset otherwise")
     if source is None:
         source = DEFAULT_SOURCES.get(preset)
         if source is None:
@@ -417,4 +461,38 @@ def load_pretrained(
     model = build_model(preset, device="meta", **overrides)
     if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
         _check_hf_config(Path(source).expanduser(), model)
-    return load_weights(model, source, strict=True, device=device, dtype=dtype, head_dtype=head_dtype)
+    try:
+        return load_weights(model, source, strict=True, device=device, dtype=dtype, head_dtype=head_dtype)
+    except CheckpointMismatchError as exc:
+        if exc.summary is not None:
+            raise
+        guess = guess_preset({name: shape for name, (shape, _) in _open_source(source).items()})
+        if guess is None or guess[0] == preset:
+            raise
+        likely, share = guess
+        shown = source if isinstance(source, (str, os.PathLike)) else "the state dict"
+        raise CheckpointMismatchError(
+            exc.missing, exc.unexpected, exc.wrong_shape,
+            summary=f"checkpoint {shown} does not fit preset {preset!r}: its names and shapes are those of "
+                    f"{likely!r} ({share:.0%} match). Wrong preset? --backbone {likely}") from None
+
+
+# A checkpoint is named as a preset's when this share of the union of their entries agrees in
+# name and shape (a fine-tune keeps every entry; another preset shares few or none).
+_PRESET_MATCH = 0.9
+
+
+def guess_preset(shapes: Mapping[str, tuple]) -> Optional[tuple[str, float]]:
+    """The preset whose complete state dict agrees best with ``shapes`` (checkpoint entry name ->
+    shape), with the share of entries that agree (name and shape, over the union of both), or
+    None when no preset reaches 90 %. Builds each preset on the meta device (no memory)."""
+    from .registry import list_presets
+
+    best = None
+    for candidate in list_presets():
+        model_shapes = {k: tuple(t.shape) for k, (_, _, t) in _named_tensors(build_model(candidate, device="meta")).items()}
+        agree = sum(1 for k, shape in shapes.items() if model_shapes.get(k) == tuple(shape))
+        share = agree / max(len(set(shapes) | set(model_shapes)), 1)
+        if best is None or share > best[1]:
+            best = (candidate, share)
+    return best if best is not None and best[1] >= _PRESET_MATCH else None

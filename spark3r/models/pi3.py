@@ -206,7 +206,8 @@ class Pi3(BackboneModel):
         self.preset = preset
         c = config.embed_dim
         # Registration order = official state-dict order.
-        self.register_token = nn.Parameter(torch.zeros(1, 1, config.num_register_tokens, c))
+        if config.num_register_tokens:
+            self.register_token = nn.Parameter(torch.zeros(1, 1, config.num_register_tokens, c))
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.encoder = DinoViT(
@@ -215,11 +216,7 @@ class Pi3(BackboneModel):
             norm_eps=1e-6, interpolate_antialias=True, interpolate_offset=0.0, with_mask_token=False,
         )
         self.rope = RoPE2D(config.rope_freq)
-        self.decoder = nn.ModuleList(
-            Block(c, config.num_heads, mlp_ratio=config.mlp_ratio, norm_eps=1e-6, init_values=config.init_values,
-                  qk_norm=True, qk_norm_eps=1e-5, rope=self.rope)
-            for _ in range(config.depth)
-        )
+        self._build_decoder()
 
         def head(out_dim: int) -> TransformerHead:
             return TransformerHead(2 * c, out_dim, config.head_embed_dim, config.head_depth, config.head_num_heads,
@@ -232,6 +229,19 @@ class Pi3(BackboneModel):
         self.camera_decoder = head(config.camera_out_dim)
         self.camera_head = CameraHead(config.camera_out_dim)
 
+    def _decoder_block(self, gated: bool = False) -> Block:
+        cfg = self.config
+        return Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=1e-6, init_values=cfg.init_values,
+                     qk_norm=True, qk_norm_eps=1e-5, rope=self.rope, attn_gates=gated)
+
+    def _build_decoder(self) -> None:
+        self.decoder = nn.ModuleList(self._decoder_block() for _ in range(self.config.depth))
+
+    def head_positions(self, grid: tuple[int, int], device) -> torch.Tensor:
+        """Positions of one frame's tokens as the heads see them: registers at (0, 0), patch
+        (r, c) at (r + 1, c + 1)."""
+        return grid_positions(grid[0], grid[1], self.config.special_tokens, device=device)
+
     # -- hook and cache API ---------------------------------------------------------------------
 
     def global_attention_modules(self) -> list[Attention]:
@@ -239,7 +249,7 @@ class Pi3(BackboneModel):
         return [blk.attn for blk in self.decoder[1::2]]
 
     def weight_dtype(self) -> torch.dtype:
-        return self.register_token.dtype
+        return self.point_decoder.projects.weight.dtype
 
     def patch_token_shape(self, batch: int, frames: int, grid: tuple[int, int]) -> tuple[int, ...]:
         return (batch, frames, grid[0] * grid[1], self.config.encoder_embed_dim)
@@ -251,7 +261,7 @@ class Pi3(BackboneModel):
         b, s, _, h, w = images.shape
         mean = self.image_mean.to(device=images.device)
         std = self.image_std.to(device=images.device)
-        flat = ((images - mean) / std).to(self.register_token.dtype).reshape(b * s, 3, h, w)
+        flat = ((images - mean) / std).to(self.weight_dtype()).reshape(b * s, 3, h, w)
         step = b * s if flat.is_meta else self.config.encoder_frames_chunk
         tokens = [self.encoder(flat[i : i + step]) for i in range(0, b * s, step)]
         tokens = tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=0)
@@ -291,11 +301,14 @@ class Pi3(BackboneModel):
         ``camera_poses`` [B,N,4,4] (camera-to-world, OpenCV, arbitrary world frame); only those
         the requested heads produce.
         """
-        b, s, _, h, w = inputs.images.shape
-        grid, wanted = inputs.grid, inputs.heads
-        hidden = self.aggregate(inputs.patch_tokens, grid)[0]
+        hidden = self.aggregate(inputs.patch_tokens, inputs.grid)[0]
+        return self._run_heads(hidden, inputs.grid, inputs.images.shape, inputs.heads)
+
+    def _run_heads(self, hidden: torch.Tensor, grid: tuple[int, int], image_shape, wanted: set[str]) -> dict[str, torch.Tensor]:
+        """Decoder output ``[B, N, P, 2C]`` -> the requested heads' outputs (see :meth:`forward_prepared`)."""
+        b, s, _, h, w = image_shape
         hidden = hidden.reshape(b * s, hidden.shape[2], hidden.shape[3])
-        pos = grid_positions(grid[0], grid[1], self.config.special_tokens, device=hidden.device)
+        pos = self.head_positions(grid, hidden.device)
         start = self.config.special_tokens
         out: dict[str, torch.Tensor] = {}
         poses = None

@@ -8,7 +8,8 @@ Equivalent to the official ``load_and_preprocess_images``:
   padded with white (1.0) to a square ``target_size`` x ``target_size``.
 
 RGBA images are composited onto white first. Frames of different sizes in one call are padded
-with white (centred) to the largest height/width.
+with white (centred) to the largest height/width. ``multiple`` (default the patch size 14) is what
+sides are rounded to; Speed3R-π3 needs 56 (4x4 windows of 14-px patches).
 """
 from __future__ import annotations
 
@@ -71,17 +72,20 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def target_size_for(width: int, height: int, mode: str = "crop", target_size: int = 518) -> tuple[int, int]:
+def target_size_for(width: int, height: int, mode: str = "crop", target_size: int = 518,
+                    multiple: int = PATCH) -> tuple[int, int]:
     """(new_width, new_height) of the resize step, before any crop or pad."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if target_size <= 0 or target_size % PATCH:
-        raise ValueError(f"target_size must be a positive multiple of {PATCH}, got {target_size}")
+    if multiple <= 0:
+        raise ValueError(f"multiple must be positive, got {multiple}")
+    if target_size <= 0 or target_size % multiple:
+        raise ValueError(f"target_size must be a positive multiple of {multiple}, got {target_size}")
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if mode == "pad" and height > width:
-        return round(width * (target_size / height) / PATCH) * PATCH, target_size
-    return target_size, round(height * (target_size / width) / PATCH) * PATCH
+        return round(width * (target_size / height) / multiple) * multiple, target_size
+    return target_size, round(height * (target_size / width) / multiple) * multiple
 
 
 def _pad_to(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -92,12 +96,12 @@ def _pad_to(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(img, (left, dw - left, top, dh - top), value=PAD_VALUE)
 
 
-def preprocess_image(image: ImageLike, mode: str = "crop", target_size: int = 518) -> torch.Tensor:
-    """One image -> float32 ``[3, H, W]`` in [0, 1] with H, W multiples of 14."""
+def preprocess_image(image: ImageLike, mode: str = "crop", target_size: int = 518, multiple: int = PATCH) -> torch.Tensor:
+    """One image -> float32 ``[3, H, W]`` in [0, 1] with H, W multiples of ``multiple`` (14)."""
     img = _to_pil_rgb(image)
-    new_w, new_h = target_size_for(img.width, img.height, mode, target_size)
+    new_w, new_h = target_size_for(img.width, img.height, mode, target_size, multiple)
     if new_w == 0 or new_h == 0:
-        raise ValueError(f"image {img.width}x{img.height} is too elongated to resize to a multiple of {PATCH}")
+        raise ValueError(f"image {img.width}x{img.height} is too elongated to resize to a multiple of {multiple}")
     img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     tensor = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255.0)
     if mode == "crop" and new_h > target_size:
@@ -108,7 +112,8 @@ def preprocess_image(image: ImageLike, mode: str = "crop", target_size: int = 51
     return tensor
 
 
-def load_images(images: Union[str, os.PathLike, Sequence[ImageLike]], mode: str = "crop", target_size: int = 518) -> torch.Tensor:
+def load_images(images: Union[str, os.PathLike, Sequence[ImageLike]], mode: str = "crop", target_size: int = 518,
+                multiple: int = PATCH) -> torch.Tensor:
     """Paths / PIL images / arrays (or a folder of images) -> ``[S, 3, H, W]`` float32 in [0, 1].
 
     Different output sizes are padded with white to the largest height and width (centred).
@@ -118,7 +123,7 @@ def load_images(images: Union[str, os.PathLike, Sequence[ImageLike]], mode: str 
     images = list(images)
     if not images:
         raise ValueError("at least one image is required")
-    tensors = [preprocess_image(im, mode, target_size) for im in images]
+    tensors = [preprocess_image(im, mode, target_size, multiple) for im in images]
     height = max(t.shape[1] for t in tensors)
     width = max(t.shape[2] for t in tensors)
     return torch.stack([_pad_to(t, height, width) for t in tensors])

@@ -12,6 +12,7 @@ import torch
 from .base import BackboneModel
 from .da3 import DA3Config, DepthAnything3
 from .pi3 import Pi3, Pi3Config
+from .pi3_speed3r import Pi3Speed3R, Pi3Speed3RConfig
 from .vggt import VGGT, VGGTConfig
 
 # vggt-tiny is exactly the `vggt_tiny` golden configuration (../shared/golden): a ViT-S/14
@@ -33,6 +34,22 @@ _VGGT_TINY = VGGTConfig(
 # pi3-tiny is exactly the `pi3_tiny` golden configuration: ViT-S/14-reg encoder, a 4-block 384-d
 # decoder, 2-block 256-d heads (camera head 128-d).
 _PI3_TINY = Pi3Config(
+    encoder_embed_dim=384,
+    encoder_depth=12,
+    encoder_num_heads=6,
+    embed_dim=384,
+    depth=4,
+    num_heads=6,
+    head_embed_dim=256,
+    head_depth=2,
+    head_num_heads=4,
+    point_out_dim=256,
+    camera_out_dim=128,
+)
+
+# pi3-speed3r-tiny is exactly the `speed3r_pi3_tiny` golden configuration (../shared/golden/speed3r):
+# pi3-tiny's numbers without registers, 2 frame + 2 sparse global 384-d blocks, 4x4 windows, top-32.
+_PI3_SPEED3R_TINY = Pi3Speed3RConfig(
     encoder_embed_dim=384,
     encoder_depth=12,
     encoder_num_heads=6,
@@ -102,6 +119,8 @@ register_preset("vggt-1b", VGGT, VGGTConfig(), source="facebook/VGGT-1B")
 register_preset("vggt-tiny", VGGT, _VGGT_TINY)
 register_preset("pi3", Pi3, Pi3Config(), source="yyfz233/Pi3")
 register_preset("pi3-tiny", Pi3, _PI3_TINY)
+register_preset("pi3-speed3r", Pi3Speed3R, Pi3Speed3RConfig(), source="weining17/Speed3R_Pi3")
+register_preset("pi3-speed3r-tiny", Pi3Speed3R, _PI3_SPEED3R_TINY)
 register_preset("da3-small", DepthAnything3, _DA3["da3-small"], source="depth-anything/DA3-SMALL", hf_model_name="da3-small")
 register_preset("da3-base", DepthAnything3, _DA3["da3-base"], source="depth-anything/DA3-BASE", hf_model_name="da3-base")
 register_preset("da3-large", DepthAnything3, _DA3["da3-large"], source="depth-anything/DA3-LARGE-1.1",

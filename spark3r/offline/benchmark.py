@@ -83,22 +83,37 @@ def load_tum_ground_truth(path, max_diff_ns: int = 20_000_000) -> GroundTruthSeq
                                np.stack(poses), np.array(stamps, dtype=np.int64))
 
 
-def main(argv=None) -> int:
-    """``python -m spark3r.offline.benchmark OUT``: write a benchmark sequence (bag + TUM + reference)."""
+DESCRIPTION = """Render a synthetic benchmark sequence with ground truth and write, under --out:
+sequence.bag/ (rosbag2: Image or CompressedImage, CameraInfo, /tf_static), tum/ (TUM RGB-D folder:
+rgb/, 16-bit depth/, groundtruth.txt, intrinsics.txt) and reference.ply (true surface points).
+Then: spark3r map OUT/sequence.bag --out RUN ...; spark3r eval RUN --gt OUT/tum."""
+
+
+def build_parser():
     import argparse
+
+    p = argparse.ArgumentParser(prog="python -m spark3r.offline.benchmark", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder to create (must not exist unless --overwrite)")
+    p.add_argument("--frames", type=int, default=40, help="number of frames (default 40)")
+    p.add_argument("--height", type=int, default=120, help="image height in pixels (default 120)")
+    p.add_argument("--width", type=int, default=160, help="image width in pixels (default 160)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scene and trajectory (default 0)")
+    p.add_argument("--trajectory", default="orbit", choices=("orbit", "forward", "static"),
+                   help="camera motion: orbit the room, move forward, or stand still (default orbit)")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate of the stamps (default 10)")
+    p.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"), help="rosbag2 storage (default mcap)")
+    p.add_argument("--compressed", action="store_true", help="CompressedImage (jpeg) instead of raw Image")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return p
+
+
+def main(argv=None) -> int:
+    """``python -m spark3r.offline.benchmark --out DIR``: write a benchmark sequence (bag + TUM + reference)."""
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m spark3r.offline.benchmark", description=main.__doc__)
-    p.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--frames", type=int, default=40)
-    p.add_argument("--height", type=int, default=120)
-    p.add_argument("--width", type=int, default=160)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trajectory", default="orbit", choices=("orbit", "forward", "static"))
-    p.add_argument("--fps", type=float, default=10.0)
-    p.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
-    p.add_argument("--compressed", action="store_true", help="CompressedImage (jpeg) instead of raw Image")
-    p.add_argument("--overwrite", action="store_true")
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         paths = write_benchmark(args.out, num_frames=args.frames, height=args.height, width=args.width, seed=args.seed,

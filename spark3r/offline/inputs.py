@@ -5,6 +5,10 @@ present, calibration) and returns an :class:`OfflineInput` whose ``frames()`` yi
 :class:`InputFrame` lazily. A frame that cannot be decoded is skipped and counted in
 ``corrupt_frames`` (one bad JPEG must not end a long recording); a frame whose size differs from
 the first frame's raises ValueError, because the mapper's windows need one image size.
+
+Intrinsics come from the input (a bag's CameraInfo, a TUM folder's ``intrinsics.txt``) or, for
+every kind, from the user (:func:`parse_intrinsics`, ``spark3r map --intrinsics``), which takes
+precedence. Without them the backbone's predicted intrinsics are used.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ class OfflineInput:
     corrupt_frames: int = 0
     image_size: Optional[tuple[int, int]] = None  # (height, width) of the first frame
     calibrated_size: Optional[tuple[int, int]] = None  # (height, width) the intrinsics are for
+    intrinsics_from_user: bool = False  # K came from --intrinsics: a size mismatch is an error
 
     def frames(self) -> Iterator[InputFrame]:
         for stamp_ns, image in self.read():
@@ -63,6 +68,10 @@ class OfflineInput:
             if self.image_size is None:
                 self.image_size = size
                 if self.K is not None and self.calibrated_size not in (None, size):
+                    if self.intrinsics_from_user:
+                        raise ValueError(
+                            f"--intrinsics are for {self.calibrated_size[1]}x{self.calibrated_size[0]} images but "
+                            f"{self.path} has {size[1]}x{size[0]} images")
                     self.notes.append(f"intrinsics are for {self.calibrated_size[1]}x{self.calibrated_size[0]} "
                                       f"but the images are {size[1]}x{size[0]}; using the backbone's intrinsics")
                     self.K = None
@@ -78,7 +87,8 @@ class OfflineInput:
         return {"kind": self.kind, "path": str(self.path), "topic": self.topic, "frames_read": self.frames_read,
                 "corrupt_frames": self.corrupt_frames, "expected_frames": self.expected_frames,
                 "image_size_hw": list(self.image_size) if self.image_size else None,
-                "intrinsics": "given" if self.K is not None else "backbone",
+                "intrinsics": ("given (--intrinsics)" if self.intrinsics_from_user else "given")
+                if self.K is not None else "backbone",
                 "extrinsic": f"{self.base_frame} -> {self.camera_frame}" if self.base_to_camera is not None else "none",
                 "notes": list(self.notes)}
 
@@ -106,11 +116,51 @@ def detect_kind(path) -> str:
                      f"or a folder of images ({', '.join(IMAGE_SUFFIXES)})")
 
 
+def parse_intrinsics(text: str) -> tuple[np.ndarray, Optional[tuple[int, int]]]:
+    """``fx,fy,cx,cy`` (pixels; commas or spaces) or the path of a text file holding
+    ``fx fy cx cy`` or ``fx fy cx cy width height`` on one line (``#`` comments allowed; the
+    ``intrinsics.txt`` of a TUM folder written by spark3r has this form). Returns (K [3,3],
+    (height, width) the intrinsics are for, or None)."""
+    text = str(text).strip()
+    source = "--intrinsics"
+    file = Path(text).expanduser()
+    if file.is_file():
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--intrinsics file {file} cannot be read as text: {exc}") from None
+        rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if len(rows) != 1:
+            raise ValueError(f"--intrinsics file {file}: expected one line 'fx fy cx cy [width height]', "
+                             f"found {len(rows)} non-comment lines")
+        text, source = rows[0], f"--intrinsics file {file}"
+    parts = text.replace(",", " ").split()
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (4, 6) or not all(np.isfinite(values)):
+        hint = "" if file.is_file() or any(c.isdigit() for c in text) else " (or an existing file)"
+        raise ValueError(f"{source} expects fx,fy,cx,cy or fx,fy,cx,cy,width,height in pixels{hint}, got {text!r}")
+    fx, fy, cx, cy = values[:4]
+    if fx <= 0 or fy <= 0:
+        raise ValueError(f"{source}: focal lengths must be positive, got fx={fx:g}, fy={fy:g}")
+    size = None
+    if len(values) == 6:
+        width, height = values[4:]
+        if width != int(width) or height != int(height) or width < 1 or height < 1:
+            raise ValueError(f"{source}: width and height must be positive integers, got {width:g} {height:g}")
+        size = (int(height), int(width))
+    return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]), size
+
+
 def open_input(path, kind: Optional[str] = None, topic: Optional[str] = None, fps: float = 10.0,
-               camera_info_topic: Optional[str] = None) -> OfflineInput:
+               camera_info_topic: Optional[str] = None, intrinsics: Optional[str] = None) -> OfflineInput:
     """Open ``path`` (``kind`` None = detect). ``topic``: image topic of a bag (None = detect).
     ``fps``: frame rate for stamps of image folders without numeric names and of videos without
-    timestamps."""
+    timestamps. ``intrinsics``: see :func:`parse_intrinsics`; they replace any intrinsics of
+    the input itself."""
+    user_K = parse_intrinsics(intrinsics) if intrinsics is not None else None
     if kind is None:
         kind = detect_kind(path)
     if kind not in INPUT_KINDS:
@@ -120,7 +170,15 @@ def open_input(path, kind: Optional[str] = None, topic: Optional[str] = None, fp
     if topic is not None and kind != "bag":
         raise ValueError(f"--topic only applies to bags, but {path} is a {kind} input")
     opener = {"bag": _open_bag, "tum": _open_tum, "images": _open_image_folder, "video": _open_video}[kind]
-    return opener(Path(path), topic=topic, fps=float(fps), camera_info_topic=camera_info_topic)
+    source = opener(Path(path), topic=topic, fps=float(fps), camera_info_topic=camera_info_topic)
+    if user_K is not None:
+        if source.K is not None:
+            source.notes.append("--intrinsics replace the input's own intrinsics")
+        source.K, source.calibrated_size = user_K
+        source.intrinsics_from_user = True
+        source.notes = [n for n in source.notes if not n.startswith("intrinsics from")]
+        source.notes.append("intrinsics from --intrinsics")
+    return source
 
 
 # -- bags -------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Foxglove open it):
 * ``/tf``         tf2_msgs/TFMessage  odom -> base_link and map -> odom (identity, future-dated by
   ``transform_tolerance`` as the node's) per keyframe
 * ``/tf_static``  tf2_msgs/TFMessage  base_link -> camera optical frame, transient-local QoS
-* ``/spark3r_mapping/odometry`` nav_msgs/Odometry  base_link pose in odom and body twist per keyframe
+* ``/spark3r_mapping/odometry`` nav_msgs/Odometry  base_link pose in odom, body twist and covariances per
+  keyframe; while tracking is lost, one per failed window with the last pose and a 9999 covariance
 * ``/spark3r_mapping/path``  nav_msgs/Path  all keyframe base poses so far (map), after every window
 * ``/spark3r_mapping/cloud`` sensor_msgs/PointCloud2  points each window added (map frame)
 * ``/spark3r_mapping/map``   sensor_msgs/PointCloud2  the voxel map, once, at the end
@@ -109,10 +110,11 @@ class MapBagWriter:
         t = self._ts.types
         return t[ODOMETRY_TYPE](
             header=header_msg(self._ts, record.stamp_ns, record.frame_id), child_frame_id=record.child_frame_id,
-            pose=t["geometry_msgs/msg/PoseWithCovariance"](pose=self._pose(record.pose), covariance=np.zeros(36)),
+            pose=t["geometry_msgs/msg/PoseWithCovariance"](
+                pose=self._pose(record.pose), covariance=np.asarray(record.pose_covariance, np.float64).reshape(36)),
             twist=t["geometry_msgs/msg/TwistWithCovariance"](
                 twist=t["geometry_msgs/msg/Twist"](linear=self._vector(record.linear), angular=self._vector(record.angular)),
-                covariance=np.zeros(36)))
+                covariance=np.asarray(record.twist_covariance, np.float64).reshape(36)))
 
     def _path_msg(self, record: PathRecord):
         # Each pose is converted once: the whole path is written after every window.
@@ -149,6 +151,10 @@ class MapBagWriter:
             self._write(self._odometry, stamp, self._odometry_msg(kf.odometry), ODOMETRY_TYPE)
         self._write(self._path, outputs.path.stamp_ns, self._path_msg(outputs.path), PATH_TYPE)
         self._write(self._cloud, outputs.cloud.stamp_ns, self._cloud_msg(outputs.cloud), CLOUD_TYPE)
+
+    def write_odometry(self, record: OdometryRecord) -> None:
+        """An Odometry without a window (tracking lost: the last pose with a large covariance)."""
+        self._write(self._odometry, record.stamp_ns, self._odometry_msg(record), ODOMETRY_TYPE)
 
     def write_map(self, record: CloudRecord) -> None:
         self._write(self._map, record.stamp_ns, self._cloud_msg(record), CLOUD_TYPE)

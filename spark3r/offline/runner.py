@@ -13,13 +13,19 @@ Output directory (appears atomically; ``report.json`` says whether the run was c
   ``"interrupted"`` flags
 
 Everything is written into a hidden staging directory beside the output and renamed into place
-at the end. Ctrl-C stops reading input, finishes the outputs for what was mapped so far and marks
-the report ``"interrupted": true, "complete": false``; an error removes the staging directory,
-so no output that looks complete is ever left behind.
+at the end. Ctrl-C (SIGINT) or SIGTERM (``timeout``, systemd, ``docker stop``; it does not wait
+for the window in flight) stops reading input, finishes the outputs for what was mapped so far
+and marks the report ``"interrupted": true, "complete": false`` with the signal's name in
+``"stopped_by"``; an error removes the staging directory, so no output that looks complete is
+ever left behind. A run that mapped no keyframe still writes everything, with
+``"mapped_nothing": true``.
+
+``report.json`` is strict JSON (``null`` for a value that does not exist, never ``NaN``). Every
+backbone run is timed, also those whose window was then dropped or rejected
+(``"window_attempts"``), so a run that mapped nothing can still be timed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -33,6 +39,7 @@ from typing import Iterator, Optional, TextIO
 
 import numpy as np
 
+from spark3r.data import strict_json
 from spark3r.data.io import temp_sibling, atomic_write, format_stamp_ns
 from spark3r.mapping import Frame, Mapper, MapperConfig, WindowResult
 from spark3r.mapping.config import OutputConfig
@@ -53,10 +60,18 @@ class RecordingBackbone:
         self.inner = backbone
         self.last_window_ids: tuple[int, ...] = ()
         self.last_prediction = None
+        self.calls = 0
+        self.last_latency_s: Optional[float] = None  # wall time of the last call, also a failed one
 
     def predict(self, window):
         self.last_prediction = None
-        prediction = self.inner.predict(window)
+        self.calls += 1
+        self.last_latency_s = None
+        t0 = time.monotonic()
+        try:
+            prediction = self.inner.predict(window)
+        finally:
+            self.last_latency_s = time.monotonic() - t0
         self.last_window_ids = tuple(kf.id for kf in window)
         self.last_prediction = prediction
         return prediction
@@ -73,30 +88,85 @@ class RecordingBackbone:
 
 
 class Progress:
-    """One status line on a terminal (frames, keyframes, windows, last latency)."""
+    """Progress of a run (frames, keyframes, windows, last latency, map size) on ``stream``.
 
-    def __init__(self, stream: Optional[TextIO], total: Optional[int]):
-        self.stream, self.total, self._last = stream, total, 0.0
+    ``live=True`` (a terminal): one status line redrawn in place at most 5 times a second.
+    ``live=False`` (a log file, CI, a pipe): a plain line at most every ``interval_s`` seconds,
+    so a long run under a logger is not silent yet does not flood it.
+    """
+
+    def __init__(self, stream: Optional[TextIO], total: Optional[int], live: bool = True, interval_s: float = 30.0):
+        if not (np.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"progress interval must be a positive number of seconds, got {interval_s!r}")
+        self.stream, self.total, self.live = stream, total, live
+        self.interval_s = 0.2 if live else float(interval_s)
+        self._last = time.monotonic() if not live else 0.0  # plain mode: the first line after one interval
+        self._on_line = False  # a live line is drawn and not yet ended
 
     def update(self, frames: int, mapper: Mapper, force: bool = False) -> None:
         now = time.monotonic()
-        if self.stream is None or (not force and now - self._last < 0.2):
+        if self.stream is None or (not force and now - self._last < self.interval_s):
             return
         self._last = now
         st = mapper.stats
         total = f"/{self.total}" if self.total else ""
-        bar = ""
-        if self.total:
-            filled = int(24 * min(frames, self.total) / self.total)
-            bar = "[" + "#" * filled + "." * (24 - filled) + "] "
-        self.stream.write(f"\r{bar}frames {frames}{total} | keyframes {st.keyframes} | windows {st.windows_mapped}/{st.windows}"
-                          f" | latency {st.last_latency_s:.2f} s | map {st.map_points} pts   ")
+        latency = f"{st.last_latency_s:.2f} s" if np.isfinite(st.last_latency_s) else "-"
+        text = (f"frames {frames}{total} | keyframes {st.keyframes} | windows {st.windows_mapped}/{st.windows}"
+                f" | latency {latency} | map {st.map_points} pts")
+        if self.live:
+            bar = ""
+            if self.total:
+                filled = int(24 * min(frames, self.total) / self.total)
+                bar = "[" + "#" * filled + "." * (24 - filled) + "] "
+            self.stream.write(f"\r{bar}{text}   ")
+            self._on_line = True
+        else:
+            self.stream.write(f"spark3r map: progress: {text}\n")
         self.stream.flush()
 
+    def clear_line(self) -> None:
+        """Blank the live line so that a log message gets a line of its own (the next update
+        redraws the status)."""
+        if self.stream is not None and self._on_line:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+            self._on_line = False
+
     def close(self) -> None:
-        if self.stream is not None:
+        if self.stream is not None and self._on_line:
             self.stream.write("\n")
             self.stream.flush()
+            self._on_line = False
+
+
+class _ClearLiveLine(logging.Filter):
+    """Attached to the log handlers that write to the progress stream while a live progress
+    line is shown: before a record is written, the line is blanked, so a WARNING never lands in
+    the middle of the status line. It filters nothing out."""
+
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.progress.clear_line()
+        return True
+
+
+@contextmanager
+def _logs_beside(progress: Progress) -> Iterator[None]:
+    handlers = []
+    if progress.live and progress.stream is not None:
+        handlers = [h for h in logging.getLogger().handlers
+                    if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is progress.stream]
+    guard = _ClearLiveLine(progress)
+    for h in handlers:
+        h.addFilter(guard)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(guard)
 
 
 def _png16(path: Path, values: np.ndarray) -> float:
@@ -151,31 +221,53 @@ class _Run:
 
 class _StopFlag:
     requested = False
+    signal_name: Optional[str] = None  # "SIGINT" / "SIGTERM": what stopped the run
+    finishing = False  # the outputs are being written: a SIGTERM no longer interrupts
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
 def _graceful_interrupt() -> Iterator[_StopFlag]:
-    """The first Ctrl-C asks the loop to stop after the current frame (so no message or file is
-    cut in half); a second one raises KeyboardInterrupt at once (e.g. inside a long window): the
-    loop still writes partial outputs, but one that lands while the outputs are being finished
-    aborts the run and leaves nothing."""
+    """Stop signals end the run with valid partial outputs for what was mapped.
+
+    Ctrl-C (SIGINT): the first asks the loop to stop after the current frame (so no message or
+    file is cut in half); a second one raises KeyboardInterrupt at once (e.g. inside a long
+    window): the loop still writes partial outputs, but one that lands while the outputs are
+    being finished aborts the run and leaves nothing.
+
+    SIGTERM (``timeout``, systemd, ``docker stop``): a process manager waits only seconds before
+    SIGKILL, so it stops at once, like a second Ctrl-C (the window in flight is abandoned), but
+    once the outputs are being written it is ignored so that they are finished.
+    """
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-        log.warning("Ctrl-C: finishing the current frame, then writing partial outputs "
-                    "(Ctrl-C again: stop without waiting for the running window)")
+        terminate = signum == signal.SIGTERM
+        if terminate and flag.finishing:
+            return
+        first = not flag.requested
+        if first:
+            flag.requested = True
+            flag.signal_name = signal.Signals(signum).name
+        if first and not terminate:
+            log.warning("Ctrl-C: finishing the current frame, then writing partial outputs "
+                        "(Ctrl-C again: stop without waiting for the running window)")
+            return
+        if terminate:
+            log.warning("SIGTERM: stopping now and writing partial outputs")
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _summary(values: list[float]) -> dict:
@@ -187,34 +279,72 @@ def _summary(values: list[float]) -> dict:
 
 
 def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, backbone_info: Optional[dict] = None,
-            overwrite: bool = False, progress: Optional[TextIO] = None, max_frames: Optional[int] = None) -> dict:
+            overwrite: bool = False, progress: Optional[TextIO] = None, max_frames: Optional[int] = None,
+            live_progress: bool = True, progress_interval_s: float = 30.0) -> dict:
     """Map every frame of ``source`` with ``Mapper(config, backbone)`` and write the outputs to
-    ``out_dir`` (see the module docstring). Returns the report. Ctrl-C (KeyboardInterrupt) ends
-    the run early with valid partial outputs; other errors leave nothing at ``out_dir``."""
+    ``out_dir`` (see the module docstring). Returns the report. Ctrl-C / SIGTERM
+    (KeyboardInterrupt) ends the run early with valid partial outputs; other errors leave nothing
+    at ``out_dir``. ``progress``: stream for progress (None: none), a live line when
+    ``live_progress`` else a plain line every ``progress_interval_s`` seconds."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists; choose another --out or pass --overwrite")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot create {out}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {out}: directory {out.parent} is not writable")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    reporter = Progress(progress, source.expected_frames if max_frames is None else max_frames, live=live_progress,
+                        interval_s=progress_interval_s)
     staging = temp_sibling(out)
-    staging.mkdir()
     try:
-        with _graceful_interrupt() as stop:
-            report = _map_into(source, staging, config, backbone, backbone_info, progress, max_frames, stop)
-        if out.exists():
-            old = temp_sibling(out)
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, out)
+        staging.mkdir()
+    except OSError as exc:  # name the user's folder, not the hidden staging one
+        raise type(exc)(f"cannot create {out}: {exc.strerror or exc}") from None
+    try:
+        with _graceful_interrupt() as stop, _logs_beside(reporter):
+            report = _map_into(source, staging, config, backbone, backbone_info, reporter, max_frames, stop)
+            if out.exists():
+                old = temp_sibling(out)
+                os.replace(out, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        written = _inside(exc.filename, staging)
+        if written is None:  # not one of our outputs (e.g. reading the input)
+            raise
+        # A full disk or a revoked permission while writing: name the output the user asked for.
+        raise type(exc)(f"cannot write {out / written}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
 
 
-def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbone, backbone_info, progress_stream,
+def _inside(filename, folder: Path) -> Optional[Path]:
+    """``filename`` relative to ``folder`` if it lies in it, else None."""
+    if not filename:
+        return None
+    try:
+        return Path(os.fsdecode(filename)).relative_to(folder)
+    except ValueError:
+        return None
+
+
+# MapperStats counters -> outcome of a window whose backbone run gave no WindowResult.
+_DROP_COUNTERS = {"backbone_errors": "backbone_error", "windows_dropped_invalid": "dropped_invalid",
+                  "windows_dropped_nonfinite": "dropped_nonfinite", "windows_rejected_alignment": "rejected_alignment",
+                  "windows_discarded_after_reset": "discarded_after_reset"}
+
+
+def _drop_counts(mapper: Mapper) -> dict:
+    stats = mapper.stats
+    return {name: getattr(stats, name) for name in _DROP_COUNTERS}
+
+
+def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbone, backbone_info, progress: Progress,
               max_frames, stop: _StopFlag) -> dict:
     recorder = RecordingBackbone(backbone)
     mapper = Mapper(config, recorder, base_to_camera=source.base_to_camera)
@@ -227,7 +357,27 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
                          f"outputs' base_link: {exc}") from None
     bag = MapBagWriter(staging / "mapping.bag")
     run = _Run(staging, bag, composer, recorder)
-    progress = Progress(progress_stream, source.expected_frames if max_frames is None else max_frames)
+    attempts: list[dict] = []  # every backbone run: its outcome and latency
+
+    def step(force: bool) -> Optional[WindowResult]:
+        calls, before = recorder.calls, _drop_counts(mapper)
+        result = mapper.process_pending(force=force)
+        if recorder.calls == calls:
+            return result
+        if result is not None:
+            outcome = "mapped"
+            run.save_window(result)
+        else:
+            after = _drop_counts(mapper)
+            outcome = next((_DROP_COUNTERS[k] for k in _DROP_COUNTERS if after[k] > before[k]), "dropped")
+            if outcome != "discarded_after_reset":  # a window that gave no poses: tracking lost, as in the node
+                lost = composer.compose_lost(mapper.stats.last_window_stamp_ns)
+                if lost is not None:
+                    bag.write_odometry(lost)
+        attempts.append({"attempt": len(attempts) + 1, "outcome": outcome, "latency_s": recorder.last_latency_s,
+                         "window": result.window_index if result is not None else None})
+        return result
+
     interrupted = False
     t_start = time.monotonic()
     first_stamp = last_stamp = None
@@ -241,9 +391,8 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
                 last_stamp = frame.stamp_ns
                 mapper.offer(Frame(frame.image, frame.stamp_ns, source.K))
                 frames += 1
-                while (result := mapper.process_pending()) is not None or mapper.backlog:
-                    if result is not None:
-                        run.save_window(result)
+                while step(force=False) is not None or mapper.backlog:
+                    pass
                 progress.update(frames, mapper)
                 if max_frames is not None and frames >= max_frames:
                     break
@@ -252,11 +401,12 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
             if frames == 0:
                 raise ValueError(f"{source.path}: no decodable frames (read {source.corrupt_frames} corrupt ones); "
                                  "nothing to map")
-            for result in mapper.flush():
-                run.save_window(result)
+            while step(force=True) is not None or mapper.backlog:  # what Mapper.flush does, each run timed
+                pass
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted: writing the outputs of the %d keyframes mapped so far", len(mapper.trajectory))
+        stop.finishing = True
         progress.update(frames, mapper, force=True)
         progress.close()
         xyz, rgb = mapper.voxel_map.points()
@@ -268,13 +418,16 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         raise
     mapper.save(staging)
     with atomic_write(staging / "keyframes.json", "w") as fh:
-        json.dump({"frame": "map", "depth_units": "map units (= metres only for a metric backbone)",
-                   "keyframes": run.keyframes}, fh, indent=1)
+        strict_json.dump({"frame": "map", "depth_units": "map units (= metres only for a metric backbone)",
+                          "keyframes": run.keyframes}, fh, indent=1)
     stats = mapper.stats
     wall = time.monotonic() - t_start
+    dropped = [a for a in attempts if a["outcome"] != "mapped"]
     report = {
         "complete": not interrupted,
         "interrupted": interrupted,
+        "stopped_by": (stop.signal_name or "KeyboardInterrupt") if interrupted else None,
+        "mapped_nothing": len(mapper.trajectory) == 0,
         "input": source.summary(),
         "backbone": backbone_info or {"type": type(backbone).__name__},
         "mapper_config": _config_dict(config),
@@ -282,25 +435,32 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         "keyframes_mapped": len(mapper.trajectory),
         "map_points": int(len(xyz)),
         "timings": {"wall_s": wall, "frames_per_s": frames / wall if wall > 0 else None,
-                    "window_latency_s": _summary([w["latency_s"] for w in run.windows])},
+                    "window_latency_s": _summary([w["latency_s"] for w in run.windows]),
+                    "dropped_window_latency_s": _summary([a["latency_s"] for a in dropped if a["latency_s"] is not None]),
+                    "all_window_latency_s": _summary([a["latency_s"] for a in attempts if a["latency_s"] is not None]),
+                    # CPU threads the model ran with (spark3r.threads; None for a test double)
+                    "inference_threads": getattr(backbone, "threads_used", None)},
         "drops": {"corrupt_frames": source.corrupt_frames,
                   "keyframes_dropped_backlog": stats.keyframes_dropped_backlog,
                   "keyframes_dropped_unmapped": stats.keyframes_dropped_unmapped,
                   "windows_rejected_alignment": stats.windows_rejected_alignment,
                   "windows_dropped_nonfinite": stats.windows_dropped_nonfinite,
                   "windows_dropped_invalid": stats.windows_dropped_invalid,
-                  "backbone_errors": stats.backbone_errors, "resets": stats.resets},
+                  "backbone_errors": stats.backbone_errors, "last_backbone_error": stats.last_backbone_error or None,
+                  "resets": stats.resets},
         "scale": {"per_window": [w["scale"] for w in run.windows], "max_drift": stats.max_scale_drift},
         "alignment_residuals": _summary([w["residual"] for w in run.windows if not w["starts_map"]]),
         "windows": run.windows,
+        "window_attempts": attempts,
         "mapper_stats": stats.as_dict(),
         "stamps": {"first": format_stamp_ns(first_stamp) if first_stamp is not None else None,
                    "last": format_stamp_ns(last_stamp) if last_stamp is not None else None},
         "outputs": {"trajectory": "trajectory.tum", "map": "map.ply", "keyframes": "keyframes.json",
                     "bag": "mapping.bag", "report": "report.json"},
     }
+    report = strict_json.to_strict(report)
     with atomic_write(staging / "report.json", "w") as fh:
-        json.dump(report, fh, indent=1, default=_json_default)
+        strict_json.dump(report, fh, indent=1)
     return report
 
 
@@ -308,11 +468,3 @@ def _config_dict(config: MapperConfig) -> dict:
     from dataclasses import asdict
 
     return asdict(config)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -33,6 +33,7 @@ class Block(nn.Module):
         qk_norm / qk_norm_eps: per-head LayerNorm on q and k (eps 1e-5 in all official models).
         rope: shared :class:`RoPE2D` or None.
         ffn: ``"mlp"`` or ``"swiglu"``.
+        attn_gates: give the attention learned Speed3R branch gates (``attn.gate.0``).
     """
 
     def __init__(
@@ -49,11 +50,13 @@ class Block(nn.Module):
         qk_norm_eps: float = 1e-5,
         rope: Optional[RoPE2D] = None,
         ffn: str = "mlp",
+        attn_gates: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(
-            dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, rope=rope
+            dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, rope=rope,
+            gates=attn_gates,
         )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)

@@ -8,7 +8,10 @@ that sees q, k, v and the layout, never a model class. ``spark3r.models`` import
 
 Token order inside a global layer is frame-major: ``S`` frames of ``P`` tokens each, and inside a
 frame the ``special_tokens`` (camera / register tokens) come first, followed by the patch tokens
-of a ``grid = (rows, cols)`` patch grid in row-major order, so ``P = special_tokens + rows*cols``.
+of a ``grid = (rows, cols)`` patch grid in row-major order, so ``P = special_tokens + rows*cols``
+— unless ``window`` is set: then the patch tokens of every frame are ordered window by window
+(windows of ``window = (rows, cols)`` patches, windows row-major, patches row-major inside a
+window), the order Speed3R-π3 runs its decoder in.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ class TokenLayout:
     # there are; schedules are indexed by it.
     layer: int = 0
     num_layers: int = 1
+    # None: patch tokens row-major; (rows, cols): window-major order (see the module docstring).
+    window: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         rows, cols = self.grid
@@ -39,6 +44,8 @@ class TokenLayout:
                 f"tokens_per_frame={self.tokens_per_frame} != special_tokens={self.special_tokens}"
                 f" + grid {rows}x{cols}"
             )
+        if self.window is not None and (rows % self.window[0] or cols % self.window[1]):
+            raise ValueError(f"window-major order needs the grid {rows}x{cols} to be a multiple of the window {self.window}")
         if self.reference_frame is not None and not 0 <= self.reference_frame < self.frames:
             raise ValueError(f"reference_frame={self.reference_frame} outside 0..{self.frames - 1}")
 

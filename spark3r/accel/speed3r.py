@@ -1,0 +1,347 @@
+"""Speed3R: dual-branch sparse global attention (arXiv 2603.08055).
+
+Tokens are grouped into *blocks*: the patches of one ``block_size`` window (4x4 by default) of
+one frame. Per global layer and head two branches run (the tensor functions live with the model
+layer, :mod:`spark3r.models.layers.sparse_attention`):
+
+* **compression**: q, k, v mean-pooled over every block, then dense softmax attention over the
+  pooled tokens (``blocks^2`` pairs instead of ``tokens^2``). The same pooled logits pick, per
+  head and per query block, the ``top_k`` key blocks with the largest logit (ties to the lower
+  block index; nothing forced in).
+* **selection**: every full-resolution query of a block attends, in one softmax, to all tokens
+  of its selected key blocks (``top_k * block tokens`` keys).
+
+Two modes share these pieces:
+
+**Learned (the official Speed3R-π3, ``pi3-speed3r``).** Where the layer has gates, the op runs
+the official layer, :func:`spark3r.models.layers.sparse_attention.gated_sparse_attention` (the
+model's own attention, documented there), with this op's ``block_size`` and ``top_k``; tokens
+must then be window-major (:class:`TokenLayout` ``window``), with no special tokens.
+
+**Training-free (every backbone; layers without gates).** No gates to learn how to mix two
+softmaxes, so the branches are combined into *one* softmax whose key set is partitioned:
+
+* exact keys: the tokens of the selected blocks, plus every *always-selected* token — the
+  special tokens (camera/register) of every frame, all tokens of the reference frame and, with
+  ``anchor_every = n``, of frames 0, n, 2n, ... (the paper keeps every 100th frame for VGGT);
+* every unselected block b stands in as one pooled key with logit ``q_blk . k_b`` (block-mean
+  query against block-mean key, which by linearity is the mean of the block pair's exact logits)
+  plus ``log |b|`` (it stands for |b| tokens), and value ``mean v_b``.
+
+Each of the three parts is computed with its log-sum-exp and they are merged by log-sum-exp
+weights, so nothing is renormalised twice. When ``top_k`` covers all blocks the pooled part is
+empty and every query sees every key exactly once: the result is dense attention up to fp32
+rounding. The special tokens and the reference frame's tokens are queries of dense attention
+over all keys. Pooling is of the post-RoPE q/k the dense path computes (no new positions), blocks
+are windows of the row-major patch grid of every non-reference frame; windows at the right and
+bottom edge of a grid that is not a multiple of the window are smaller (masked, and their pooled
+logit bias uses their true size).
+
+Memory: the pooled logits, the gathered keys and the selection logits exist only for a chunk of
+query blocks at a time (``chunk_elements`` floats per intermediate), so 8k+ tokens never
+materialise a tokens x tokens or blocks x top_k x tokens tensor. Pure PyTorch, any device/dtype;
+the pooled branch and all softmax statistics are computed in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from spark3r.models.layers.layout import TokenLayout
+from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, chunk_ranges, gated_sparse_attention,
+                                                    gather_blocks, topk_key_blocks)
+
+from .common import Workspace, check_qkv, exact_attention, layout_key
+from .op import AttentionCost, attention_matmul_flops, dense_cost
+
+
+@dataclass(frozen=True)
+class Speed3RConfig:
+    """Parameters of the ``speed3r`` method (CLI ``--block-size``/``--top-k``, ROS
+    ``reduction.block_size``/``reduction.top_k``).
+
+    block_size: (rows, cols) of the patch window that forms one block; each >= 1 (default 4x4,
+        the official value; the learned model only runs with the size it was trained with).
+    top_k: key blocks each query block attends to exactly, >= 1; values >= the number of blocks
+        mean every block (training-free mode: then exactly dense attention).
+    anchor_every: training-free mode: frames 0, n, 2n, ... are always selected (every query sees
+        all their tokens exactly), >= 0; 0 = none (the paper's VGGT variant uses 100).
+    """
+
+    block_size: tuple[int, int] = field(default=(4, 4), metadata={
+        "doc": "speed3r: patch window (rows, cols) forming one block, each >= 1 (the learned pi3-speed3r runs only with 4x4)"})
+    top_k: int = field(default=32, metadata={
+        "doc": "speed3r: key blocks attended exactly per query block (>= the number of blocks: dense in the training-free mode)",
+        "range": (1, 1_000_000)})
+    anchor_every: int = field(default=0, metadata={
+        "doc": "speed3r training-free: frames 0, n, 2n, ... are always selected as exact keys (0 = none; the paper uses 100 "
+               "for VGGT)", "range": (0, 1_000_000)})
+
+    def __post_init__(self) -> None:
+        block = tuple(int(x) for x in self.block_size) if not isinstance(self.block_size, int) else (int(self.block_size),) * 2
+        object.__setattr__(self, "block_size", block)
+        if len(block) != 2 or min(block) < 1:
+            raise ValueError(f"block_size must be two positive ints (rows, cols), got {self.block_size}")
+        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or int(self.top_k) < 1:
+            raise ValueError(f"top_k (key blocks per query block) must be an int >= 1, got {self.top_k}")
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if isinstance(self.anchor_every, bool) or int(self.anchor_every) != self.anchor_every or int(self.anchor_every) < 0:
+            raise ValueError(f"anchor_every (every n-th frame always selected; 0 = none) must be an int >= 0, got {self.anchor_every}")
+        object.__setattr__(self, "anchor_every", int(self.anchor_every))
+
+    @property
+    def block_tokens(self) -> int:
+        return self.block_size[0] * self.block_size[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-free mode
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Blocks of a row-major layout (device tensors; depends only on the layout, window and
+    anchor stride). Query blocks cover every non-reference frame; key blocks are the query blocks
+    of the frames that are not anchors."""
+
+    tokens: torch.Tensor  # [nb, bt] int64 token of each block slot; padding slots repeat the block's first token
+    valid: torch.Tensor  # [nb, bt] bool, False for padding slots of edge windows
+    sizes: torch.Tensor  # [nb] float32 real tokens per block
+    key_blocks: torch.Tensor  # [nk] int64 rows of `tokens` that are selectable key blocks
+    dense: torch.Tensor  # [P] int64 queries attending densely: special tokens + reference frame
+    always: torch.Tensor  # [A] int64 keys every query sees exactly: `dense` + the anchor frames' patches
+    padded: bool
+
+
+@lru_cache(maxsize=64)
+def _block_table(key: tuple, window: tuple[int, int], anchor_every: int, device: str) -> BlockTable:
+    frames, tpf, special, grid, ref = key
+    layout = TokenLayout(frames, tpf, special, grid, ref)
+    rows, cols = grid
+    wr, wc = window
+    nr, nc = -(-rows // wr), -(-cols // wc)
+    r = (torch.arange(nr)[:, None, None, None] * wr + torch.arange(wr)[None, None, :, None]).expand(nr, nc, wr, wc)
+    c = (torch.arange(nc)[None, :, None, None] * wc + torch.arange(wc)[None, None, None, :]).expand(nr, nc, wr, wc)
+    valid = ((r < rows) & (c < cols)).reshape(nr * nc, wr * wc)
+    local = (r * cols + c).reshape(nr * nc, wr * wc)
+    local = torch.where(valid, local, local[:, :1])  # slot 0 of a window is always inside the grid
+    kept = [f for f in range(frames) if f != ref]
+    frames_kept = torch.tensor(kept, dtype=torch.int64)
+    tokens = (frames_kept[:, None, None] * tpf + special + local[None]).reshape(-1, wr * wc)
+    valid = valid.expand(len(kept), -1, -1).reshape(-1, wr * wc)
+    anchor = torch.tensor([bool(anchor_every) and f % anchor_every == 0 for f in kept], dtype=torch.bool)
+    per_frame = nr * nc
+    key_blocks = torch.nonzero((~anchor).repeat_interleave(per_frame), as_tuple=False).flatten()
+    dense = torch.nonzero(layout.protected_mask(), as_tuple=False).flatten()
+    anchor_rows = torch.nonzero(anchor.repeat_interleave(per_frame), as_tuple=False).flatten()
+    anchor_tokens = tokens[anchor_rows][valid[anchor_rows]]
+    always = torch.cat((dense, anchor_tokens)).sort().values
+    return BlockTable(tokens.to(device), valid.to(device), valid.sum(-1).float().to(device), key_blocks.to(device),
+                      dense.to(device), always.to(device), bool((~valid).any()))
+
+
+@lru_cache(maxsize=16)
+def _window_major_table(num_tokens: int, block_tokens: int, device: str) -> BlockTable:
+    tokens = torch.arange(num_tokens).view(-1, block_tokens)
+    nb = tokens.shape[0]
+    empty = torch.zeros(0, dtype=torch.int64)
+    return BlockTable(tokens.to(device), torch.ones(nb, block_tokens, dtype=torch.bool, device=device),
+                      torch.full((nb,), float(block_tokens), device=device), torch.arange(nb, device=device),
+                      empty.to(device), empty.to(device), False)
+
+
+def block_table(layout: TokenLayout, window: tuple[int, int], device, anchor_every: int = 0) -> BlockTable:
+    """The blocks of ``layout``: windows of its row-major patch grids, or — for a window-major
+    layout (Speed3R-π3's decoder, no special tokens, no reference frame) — its consecutive
+    windows, which must then be ``window``."""
+    window = tuple(window)
+    if layout.window is not None:
+        if layout.window != window or layout.special_tokens or layout.reference_frame is not None or anchor_every:
+            raise ValueError(f"a window-major layout ({layout.window} windows) takes block_size={layout.window}, no "
+                             f"special tokens, reference frame or anchors (got block_size={window}, "
+                             f"special_tokens={layout.special_tokens}, reference_frame={layout.reference_frame}, "
+                             f"anchor_every={anchor_every})")
+        return _window_major_table(layout.num_tokens, window[0] * window[1], str(torch.device(device)))
+    return _block_table(layout_key(layout), window, int(anchor_every), str(torch.device(device)))
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp: ``q [B, H, M, d]``, ``k, v [B, H, K, d]``, optional
+    additive ``key_bias`` broadcastable to ``[B, H, 1, K]`` -> ``(out [B, H, M, d], lse [B, H, M]
+    fp32)``. On CPU without autograd the flash kernel (which returns the log-sum-exp), elsewhere
+    an fp32 softmax."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if _CPU_FLASH is not None and q.device.type == "cpu" and not needs_grad:
+        mask = None if key_bias is None else key_bias.to(q.dtype)
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse.float()
+    logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    if key_bias is not None:
+        logits = logits + key_bias
+    top = logits.amax(-1, keepdim=True).detach()
+    weights = (logits - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    out = torch.matmul((weights / total).to(v.dtype), v)
+    return out, (top + total.log()).squeeze(-1)
+
+
+def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Softmax attention over the union of disjoint key sets from each set's ``(out, lse)``
+    (shapes broadcastable): ``sum_i exp(lse_i - L) out_i / sum_i exp(lse_i - L)``."""
+    top = parts[0][1]
+    for _, lse in parts[1:]:
+        top = torch.maximum(top, lse)
+    num, den = 0, 0
+    for out, lse in parts:
+        w = (lse - top).exp()
+        num = num + w[..., None] * out.float()
+        den = den + w
+    return (num / den[..., None]).to(parts[0][0].dtype)
+
+
+def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                            config: Speed3RConfig, scale: Optional[float] = None,
+                            chunk_elements: int = CHUNK_ELEMENTS, workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """Speed3R without learned gates (module docstring): ``[B, H, N, d]`` in token order."""
+    b, h, n_tok, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    table = block_table(layout, config.block_size, q.device, config.anchor_every)
+    nb, bt = table.tokens.shape
+    nk = table.key_blocks.numel()
+    if nb == 0:
+        return exact_attention(q, k, v, scale)
+    flat = table.tokens.reshape(-1)
+    qb, kb, vb = (t.index_select(2, flat).view(b, h, nb, bt, d) for t in (q, k, v))
+    slot_weight = (table.valid.float() / table.sizes[:, None])[..., None]  # masked mean
+    q_pool = (qb.float() * slot_weight).sum(-2)
+    key_weight = slot_weight.index_select(0, table.key_blocks)
+    k_pool, v_pool = ((t.index_select(2, table.key_blocks).float() * key_weight).sum(-2) for t in (kb, vb))
+    log_sizes = table.sizes.index_select(0, table.key_blocks).log()
+    key_bias = None
+    if table.padded:
+        key_bias = torch.zeros(nb, bt, device=q.device).masked_fill_(~table.valid, float("-inf"))
+    top = min(config.top_k, nk)
+    out = torch.empty_like(q)
+    if table.dense.numel():
+        out[:, :, table.dense] = exact_attention(q.index_select(2, table.dense), k, v, scale)
+    always = None
+    if table.always.numel():
+        # The always-selected keys for all block queries in one call (merged per chunk below).
+        o_always, lse_always = attend_with_lse(qb.view(b, h, nb * bt, d), k.index_select(2, table.always),
+                                               v.index_select(2, table.always), scale)
+        always = (o_always.view(b, h, nb, bt, d), lse_always.view(b, h, nb, bt))
+    k_pool_t = k_pool.transpose(-1, -2)
+    per_block = b * h * (2 * nk + 2 * top * bt * d + bt * d)
+    for s, e in chunk_ranges(nb, per_block, chunk_elements):
+        c = e - s
+        parts = []
+        if always is not None:
+            parts.append((always[0][:, :, s:e], always[1][:, :, s:e]))
+        if top:
+            logits = torch.matmul(q_pool[:, :, s:e], k_pool_t)  # [B, H, c, nk], mean logits of block pairs
+            index = topk_key_blocks(logits, top)
+            rows = table.key_blocks[index]
+            bias = None
+            if key_bias is not None:
+                bias = key_bias.index_select(0, rows.reshape(-1)).view(b * h, c, 1, top * bt)
+            if workspace is not None:
+                shape = (b, h, c, top * bt, d)
+                ks = gather_blocks(kb, rows, workspace.buffer("speed3r.k", shape, k.dtype, k.device))
+                vs = gather_blocks(vb, rows, workspace.buffer("speed3r.v", shape, v.dtype, v.device))
+            else:
+                ks, vs = gather_blocks(kb, rows), gather_blocks(vb, rows)
+            o_sel, lse_sel = attend_with_lse(qb[:, :, s:e].reshape(b * h, c, bt, d), ks.view(b * h, c, top * bt, d),
+                                             vs.view(b * h, c, top * bt, d), scale, bias)
+            parts.append((o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt)))
+            if top < nk:
+                # Every unselected block as one key: logit = mean logit + log(size), value = mean value.
+                w = logits.mul_(scale).add_(log_sizes).scatter_(-1, index, float("-inf"))
+                lse = torch.logsumexp(w, dim=-1)
+                o = torch.matmul(torch.softmax(w, dim=-1), v_pool)
+                parts.append((o[:, :, :, None, :], lse[:, :, :, None]))
+        merged = merge_partial_attention(parts)  # [B, H, c, bt, d]
+        if table.padded:
+            valid = table.valid[s:e]
+            out[:, :, table.tokens[s:e][valid]] = merged[:, :, valid]
+        else:
+            out[:, :, table.tokens[s:e].reshape(-1)] = merged.reshape(b, h, c * bt, d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The op
+
+
+class Speed3ROp:
+    """The ``speed3r`` global-attention op: the learned layer where the layer has gates, the
+    training-free combination everywhere else (``attend_layer``); ``__call__`` is the
+    training-free op on q, k, v (op-level benchmarks; on a window-major layout its windows are
+    the blocks, while :meth:`attention_flops` prices such a layout as the learned layer)."""
+
+    def __init__(self, config: Speed3RConfig = Speed3RConfig(), chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        self.config = config
+        self.chunk_elements = int(chunk_elements)
+        # Gather buffers shared by the chunks and layers of a forward (per thread).
+        self.workspace = Workspace()
+
+    def is_identity(self, layer: int) -> bool:
+        return False
+
+    def attend_layer(self, inputs) -> torch.Tensor:
+        if inputs.has_gates:
+            grad = torch.is_grad_enabled()  # out= gathers are not differentiable
+            return gated_sparse_attention(inputs, self.config.block_size, self.config.top_k, self.chunk_elements,
+                                          None if grad else self.workspace.buffer)
+        q, k, v = inputs.qkv()
+        return self(q, k, v, inputs.layout)
+
+    def __call__(self, q, k, v, layout: TokenLayout, scale: Optional[float] = None) -> torch.Tensor:
+        check_qkv(q, k, v, layout)
+        if self._selects_everything(layout):
+            # Every key would be exact: the same result, bit for bit dense, without the pooled branch.
+            return exact_attention(q, k, v, scale)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return training_free_attention(q, k, v, layout, self.config, scale, self.chunk_elements,
+                                       None if grad else self.workspace)
+
+    def _selects_everything(self, layout: TokenLayout) -> bool:
+        table = block_table(layout, self.config.block_size, "cpu", self.config.anchor_every)
+        return self.config.top_k >= table.key_blocks.numel()
+
+    def attention_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> AttentionCost:
+        """What the op computes on a layer of ``layout``.
+
+        Attention matmuls: every block query against the always-selected tokens and ``top_k``
+        blocks (padding slots of edge windows included — they are computed), the protected
+        queries against all tokens. Overhead: pooling q/k/v (3 N d), the pooled logits and the
+        pooled attention or fold (4 n_q n_k d), and the merge of the partial results (6 N d) or,
+        in a learned layer, the branch mix (3 N d) plus the gate Linear (2 N C 2H)."""
+        n_tok, d, bh = layout.num_tokens, head_dim, batch * heads
+        if layout.window is not None:  # the learned layer (pi3-speed3r)
+            nb = n_tok // self.config.block_tokens
+            keys = self.config.top_k * self.config.block_tokens
+            overhead = bh * (3 * n_tok * d + 4 * nb * nb * d + 3 * n_tok * d) + batch * 2 * n_tok * heads * d * 2 * heads
+            return AttentionCost(attention_matmul_flops(n_tok, keys, heads, d, batch), overhead, n_tok, keys)
+        table = block_table(layout, self.config.block_size, "cpu", self.config.anchor_every)
+        nb, bt = table.tokens.shape
+        if self._selects_everything(layout):
+            return dense_cost(layout, heads, head_dim, batch)
+        nk = table.key_blocks.numel()
+        block_queries = nb * bt
+        block_keys = table.always.numel() + min(self.config.top_k, nk) * bt
+        protected = table.dense.numel()
+        pairs = block_queries * block_keys + protected * n_tok
+        overhead = bh * (3 * n_tok * d + 4 * nb * nk * d + 6 * n_tok * d)
+        queries = block_queries + protected
+        return AttentionCost(attention_matmul_flops(1, pairs, heads, d, batch), overhead, queries, pairs / queries)
+
+
+__all__ = ["Speed3RConfig", "Speed3ROp", "training_free_attention", "attend_with_lse", "merge_partial_attention",
+           "block_table", "BlockTable"]

@@ -1,0 +1,133 @@
+"""The node's intake / inference split (spark3r_ros.node_support.MappingPipeline), without ROS.
+
+The backbone is a deliberately SLOW TEST DOUBLE: the ground-truth double held inside every window
+until the test releases it, so "slower than the camera" needs no timing. While it is held, every
+frame must still reach the keyframe gate (Mapper.offer never waits for a running window), the
+accepted keyframes must wait in the bounded pending store, and once the backbone is free every
+window those keyframes make must be mapped.
+"""
+import threading
+import time
+
+import pytest
+
+from spark3r.data.synthetic import render_sequence
+from spark3r.mapping import Frame, KeyframeConfig, MapConfig, Mapper, MapperConfig, WindowConfig
+from spark3r.mapping.testing import GroundTruthBackbone
+from spark3r_ros.node_support import FrameQueue, MappingPipeline
+
+FRAMES = 30
+
+
+class HeldGroundTruthBackbone:
+    """TEST DOUBLE: the ground-truth backbone, held in each window until ``release`` is set."""
+
+    name = "held ground truth (TEST DOUBLE)"
+
+    def __init__(self, seq):
+        self.inner = GroundTruthBackbone(seq, seed=2)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls = 0
+
+    def predict(self, window):
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the backbone"
+        return self.inner.predict(window)
+
+
+@pytest.fixture(scope="module")
+def seq():
+    return render_sequence(num_frames=FRAMES, height=48, width=64, seed=6, fps=10.0)
+
+
+def wait_for(predicate, what: str, timeout: float = 20.0) -> None:
+    """Deadlock guard, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def start(seq, max_pending=64):
+    config = MapperConfig(keyframe=KeyframeConfig(min_parallax_px=0.0, min_time_gap_s=0.0),  # every frame a keyframe
+                          window=WindowConfig(window_size=6, window_stride=3, max_pending_keyframes=max_pending),
+                          map=MapConfig(voxel_size=0.01))
+    backbone = HeldGroundTruthBackbone(seq)
+    mapper = Mapper(config, backbone)
+    published, errors = [], []
+
+    def intake(msg):
+        if msg == "poison":
+            raise RuntimeError("a message the intake cannot handle")
+        return mapper.offer(msg).accepted
+
+    pipeline = MappingPipeline(FrameQueue(2), intake, mapper, lambda *args: published.append(args),
+                               lambda stage, exc: errors.append((stage, exc)), poll_s=0.01)
+    pipeline.start()
+    return pipeline, mapper, backbone, published, errors
+
+
+def stream(pipeline, mapper, seq, frames, offered_before=0):
+    """Camera at the intake's pace: the next frame once the previous one went through the gate."""
+    for n, i in enumerate(frames, 1):
+        pipeline.queue.put(Frame(seq.images[i], int(seq.stamps_ns[i]), seq.K))
+        wait_for(lambda: mapper.stats.frames_offered == offered_before + n, f"frame {i} at the gate")
+
+
+def test_keyframes_are_taken_at_camera_rate_while_the_backbone_runs(seq):
+    pipeline, mapper, backbone, published, errors = start(seq)
+    try:
+        stream(pipeline, mapper, seq, range(FRAMES))
+        # All frames went through the gate while the first window is still inside the backbone.
+        assert backbone.entered.is_set() and backbone.calls == 1 and pipeline.inference_running
+        st = mapper.stats
+        assert st.frames_offered == st.keyframes == FRAMES and mapper.backlog == FRAMES - 6
+        assert st.keyframes_dropped_backlog == 0 and pipeline.queue.dropped == 0 and not pipeline.idle()
+        backbone.release.set()
+        wait_for(pipeline.idle, "the backlog to be mapped")
+    finally:
+        backbone.release.set()
+        pipeline.stop(10)
+    results = [result for _, _, _, result in published if result is not None]
+    expected_windows = 1 + (FRAMES - 6) // 3
+    assert len(results) == mapper.stats.windows_mapped == backbone.calls == expected_windows
+    assert [len(r.keyframes) for r in results] == [6] + [3] * (expected_windows - 1)
+    assert len(mapper.trajectory) == FRAMES and not errors
+    # Every call reports the stats around it and the map epoch it started in.
+    assert all(epoch == 0 and after.windows >= before.windows for epoch, before, after, _ in published)
+
+
+def test_pending_keyframes_are_bounded_and_their_drops_counted(seq):
+    pipeline, mapper, backbone, published, errors = start(seq, max_pending=8)
+    try:
+        stream(pipeline, mapper, seq, range(FRAMES))
+        assert backbone.calls == 1 and mapper.backlog == 8  # the first 6 are in the held window
+        assert mapper.stats.keyframes_dropped_backlog == FRAMES - 6 - 8
+        backbone.release.set()
+        wait_for(pipeline.idle, "the backlog to be mapped")
+    finally:
+        backbone.release.set()
+        pipeline.stop(10)
+    # The newest 8 survive: two more windows of 3, two keyframes wait for the next one.
+    assert mapper.stats.windows_mapped == 3 and len(mapper.trajectory) == 12 and not errors
+
+
+def test_a_new_map_during_a_window_marks_its_result_stale_and_errors_do_not_stop_the_stages(seq):
+    pipeline, mapper, backbone, published, errors = start(seq)
+    try:
+        stream(pipeline, mapper, seq, range(6))
+        wait_for(backbone.entered.is_set, "the first window")
+        pipeline.new_map()  # what the node does under its publishing lock on ~/reset or a time jump
+        pipeline.queue.put("poison")
+        wait_for(lambda: errors, "the intake error")
+        stream(pipeline, mapper, seq, range(6, 9), offered_before=6)  # the intake goes on after the error
+        backbone.release.set()
+        wait_for(pipeline.idle, "the backlog to be mapped")
+    finally:
+        backbone.release.set()
+        pipeline.stop(10)
+    assert [stage for stage, _ in errors] == ["intake"] and "cannot handle" in str(errors[0][1])
+    epochs = [epoch for epoch, _, _, result in published if result is not None]
+    assert epochs == [0, 1] and pipeline.map_epoch == 1  # the first window started before the new map
