@@ -263,6 +263,12 @@ class QualityConfig:
         if not (math.isfinite(self.cloud_threshold) and self.cloud_threshold > 0):
             raise ValueError(f"cloud_threshold must be a positive distance, got {self.cloud_threshold}")
         self.variants = parse_variants(self.methods, self.method_params)
+        from spark3r.models.registry import preset_class
+
+        supported = getattr(preset_class(self.model), "supported_accel_methods", None)
+        refused = sorted({v.method for v in self.variants} - set(supported)) if supported is not None else []
+        if refused:
+            raise ValueError(f"{self.model} supports only the methods {list(supported)} (--methods), not {refused}")
         unknown = set(self.method_params) - {v.method for v in self.variants}
         if unknown:
             raise ValueError(f"parameters given for methods not being run: {sorted(unknown)}")
