@@ -15,8 +15,9 @@ from typing import Any, Callable, Optional
 
 from .dense import DenseConfig, DenseOp
 from .op import AttentionOp
-from .schedule import resolve_schedule
+from .schedule import resolve_schedule, resolve_tiers
 from .spark3r import Spark3RConfig, Spark3ROp
+from .spark3r_paper import Spark3RPaperOp
 from .speed3r import Speed3RConfig, Speed3ROp
 from .uniform import UniformConfig, UniformOp
 
@@ -28,7 +29,9 @@ class MethodSpec:
     make_op: Callable[[Any, int, Optional[str]], AttentionOp]
 
 
-def _make_spark3r(config: Spark3RConfig, num_layers: int, backbone: Optional[str]) -> Spark3ROp:
+def _make_spark3r(config: Spark3RConfig, num_layers: int, backbone: Optional[str]):
+    if config.recipe == "paper":
+        return Spark3RPaperOp(config, resolve_tiers(config.schedule, backbone, num_layers))
     return Spark3ROp(config, resolve_schedule(config.schedule, backbone, num_layers))
 
 

@@ -187,3 +187,113 @@ def resolve_schedule(schedule, backbone: Optional[str], num_layers: int) -> KVSc
     if sched.num_layers != num_layers:
         raise ValueError(f"schedule has {sched.num_layers} layers but the model has {num_layers} global-attention layers")
     return sched
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-tier layer schedule of the paper's recipe (``recipe="paper"``)
+
+TIERS_FORMAT = "spark3r-layer-tiers/1"
+
+# High-sensitivity global layers as the paper note reports them (taken as 0-based global-layer
+# indices); the other layers are low-sensitivity and get ``low_sensitivity_factor`` x the K/V
+# factor. Only backbones whose global-layer numbering is unambiguous are listed; the rest are
+# derived from VGGT's list by relative depth (:func:`default_tiers`) until `spark3r calibrate
+# --recipe paper` measures them.
+PUBLISHED_HIGH_SENSITIVITY = {"vggt-1b": tuple(range(11, 17)), "pi3": tuple(range(11, 17))}
+_VGGT_LAYERS = 24
+
+
+@dataclass(frozen=True)
+class LayerTiers:
+    """Which global layers are high-sensitivity (kept at the base K/V factor); all others are
+    low-sensitivity. File format: JSON ``"format": "spark3r-layer-tiers/1"`` with these fields."""
+
+    high_sensitivity: tuple[int, ...]
+    num_layers: int
+    backbone: Optional[str] = None
+    note: str = ""
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if int(self.num_layers) < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        high = tuple(sorted(set(int(x) for x in self.high_sensitivity)))
+        bad = [x for x in high if not 0 <= x < self.num_layers]
+        if bad:
+            raise ValueError(f"high_sensitivity layers {bad} are outside 0..{self.num_layers - 1}")
+        object.__setattr__(self, "high_sensitivity", high)
+
+    def is_low_sensitivity(self, layer: int) -> bool:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"the layer tiers cover {self.num_layers} layers; layer {layer} is outside them "
+                             f"(do they belong to this backbone?)")
+        return layer not in self.high_sensitivity
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["high_sensitivity"] = list(self.high_sensitivity)
+        return {"format": TIERS_FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerTiers":
+        if not isinstance(d, dict):
+            raise TypeError(f"layer tiers must be a JSON object, got {type(d).__name__}")
+        if d.get("format") != TIERS_FORMAT:
+            hint = " (that is a K/V schedule of the product recipe; recipe 'paper' needs layer tiers from " \
+                   "`spark3r calibrate --recipe paper`)" if d.get("format") == FORMAT else ""
+            raise ValueError(f"unknown layer-tiers format {d.get('format')!r}; expected {TIERS_FORMAT!r}{hint}")
+        fields = {k: v for k, v in d.items() if k != "format"}
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown layer-tiers fields {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        fields["high_sensitivity"] = tuple(fields.get("high_sensitivity", ()))
+        return cls(**fields)
+
+
+def save_tiers(tiers: LayerTiers, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(tiers.to_dict(), indent=1) + "\n")
+    return path
+
+
+def load_tiers(path: Union[str, Path]) -> LayerTiers:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"layer-tiers file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"layer-tiers file {path} is not valid JSON: {e}") from e
+    return LayerTiers.from_dict(data)
+
+
+def default_tiers(backbone: Optional[str], num_layers: int) -> LayerTiers:
+    """The published high-sensitivity layers for vggt-1b and pi3; for any other backbone the
+    layers at the same relative depth as VGGT's 11..16 of 24."""
+    published = PUBLISHED_HIGH_SENSITIVITY.get(backbone or "")
+    if published is not None and max(published) < num_layers:
+        return LayerTiers(published, num_layers, backbone, note="published high-sensitivity layers (paper note)")
+    lo, hi = min(PUBLISHED_HIGH_SENSITIVITY["vggt-1b"]), max(PUBLISHED_HIGH_SENSITIVITY["vggt-1b"])
+    scale = (_VGGT_LAYERS - 1) / (num_layers - 1) if num_layers > 1 else 0.0
+    high = tuple(i for i in range(num_layers) if lo <= round(i * scale) <= hi)
+    return LayerTiers(high, num_layers, backbone,
+                      note=f"VGGT's high-sensitivity layers {lo}..{hi} of {_VGGT_LAYERS} mapped by relative depth")
+
+
+def resolve_tiers(tiers, backbone: Optional[str], num_layers: int) -> LayerTiers:
+    """LayerTiers from None (default for the backbone), a path, a dict or a LayerTiers; checks
+    that they cover ``num_layers`` global layers."""
+    if tiers is None or tiers == "" or tiers == "default":
+        out = default_tiers(backbone, num_layers)
+    elif isinstance(tiers, LayerTiers):
+        out = tiers
+    elif isinstance(tiers, dict):
+        out = LayerTiers.from_dict(tiers)
+    elif isinstance(tiers, (str, Path)):
+        out = load_tiers(tiers)
+    else:
+        raise TypeError(f"the paper recipe's schedule must be None, a path, a dict or LayerTiers, got {type(tiers).__name__}")
+    if out.num_layers != num_layers:
+        raise ValueError(f"layer tiers cover {out.num_layers} layers but the model has {num_layers} global-attention layers")
+    return out

@@ -18,6 +18,9 @@ view stays represented. The budget per layer comes from a :class:`KVSchedule`.
 Protected in both roles: the special tokens of every frame and all tokens of the reference frame.
 q/k arrive after RoPE, so merged and kept tokens need no new positions.
 
+``recipe="paper"`` selects the published recipe instead (``spark3r_paper.py``: temporal query
+groups, frame-count factors, stride K/V pruning, two layer tiers); this module is ours.
+
 Data path (what keeps the op near its FLOP bound on CPU): the 2x2 -> 2 merge is one pass of a
 fused C kernel (``native/pair_merge.c``; its eager twin decides on strided views of q and
 gathers), the reduced queries and keys/values are gathered with one ``index_select`` each into
@@ -29,7 +32,7 @@ memory order, which the attention module's output projection reads without a cop
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Optional, Sequence, Union
 
@@ -41,9 +44,12 @@ from . import native
 from .common import (Workspace, attention_with_extra_keys, check_qkv, exact_attention, gather_rows, layout_key,
                      row_view, static_index)
 from .op import AttentionCost, attention_matmul_flops
-from .schedule import KVSchedule
+from .schedule import KVSchedule, LayerTiers
 
 KV_SCORES = ("query_mean", "query_summary", "key_norm")
+RECIPES = ("ours", "paper")
+# Fields only the product's own design ("ours") uses.
+OURS_ONLY = ("query_group", "query_keep", "kv_score", "kv_compensation", "dense_queries")
 
 
 @dataclass(frozen=True)
@@ -52,16 +58,43 @@ class Spark3RConfig:
 
     query_group: tuple[int, int] = (2, 2)
     query_keep: int = 2
-    # None/"default" = the backbone's default schedule, else a schedule file path or a KVSchedule.
-    schedule: Union[None, str, KVSchedule] = None
+    # None/"default" = the backbone's default schedule, else a schedule file path or a KVSchedule
+    # (recipe "paper": a layer-tiers file path or LayerTiers).
+    schedule: Union[None, str, KVSchedule, LayerTiers] = None
     kv_score: str = "query_mean"
     kv_compensation: bool = True
     # The first `dense_queries` special tokens of every frame (1 = the camera token) query the
     # full, unpruned keys/values: one token per view carries the camera estimate, which K/V
     # pruning hurts most, and it costs 1/tokens_per_frame of dense attention.
     dense_queries: int = 1
+    # Which design: ours (the fields above) or the paper's (spark3r_paper.py: temporal query
+    # groups, frame-count factors, stride K/V pruning, two-tier layers; `schedule` is then a
+    # layer-tiers file from `spark3r calibrate --recipe paper`).
+    recipe: str = field(default="ours", metadata={
+        "doc": "Spark3R design: 'ours' (spatial query groups, scored K/V with compensation, continuous schedule) or "
+               "'paper' (temporal query groups, frame-count factors, stride K/V pruning, two-tier layers; "
+               "reduction_schedule is then a layer-tiers file)", "choices": RECIPES})
+    temporal_group: int = field(default=20, metadata={
+        "doc": "recipe 'paper': consecutive frames per query-merging group (G); queries never merge across groups",
+        "range": (1, 100000)})
+    low_sensitivity_factor: int = field(default=3, metadata={
+        "doc": "recipe 'paper': K/V factor multiplier on low-sensitivity layers (they prune even short inputs)",
+        "range": (1, 1000)})
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if int(self.temporal_group) < 1:
+            raise ValueError(f"temporal_group must be >= 1 frame, got {self.temporal_group}")
+        if int(self.low_sensitivity_factor) < 1:
+            raise ValueError(f"low_sensitivity_factor must be >= 1, got {self.low_sensitivity_factor}")
+        if self.recipe == "paper":
+            changed = [f.name for f in fields(self) if f.name in OURS_ONLY and getattr(self, f.name) != f.default
+                       and not (f.name == "query_group" and tuple(self.query_group) == f.default)]
+            if changed:
+                raise ValueError(f"{changed} belong to recipe 'ours' and have no effect with recipe 'paper'; leave them "
+                                 f"at their defaults (the paper recipe takes temporal_group, low_sensitivity_factor "
+                                 f"and a layer-tiers schedule)")
         group = tuple(int(x) for x in self.query_group)
         object.__setattr__(self, "query_group", group)
         if len(group) != 2 or min(group) < 1:

@@ -16,6 +16,14 @@ Procedure (``frames`` images at ``size``):
    budget is found by bisection.
 4. The schedule (``reference_frames = frames``; larger windows shrink budgets by ``decay``) is
    written as JSON with the measurements under ``meta``.
+
+``--recipe paper`` runs the paper recipe's one-time probe instead (:func:`probe_sensitivity`):
+every layer at K/V factor ``probe_factors[0]`` (32) gives the base error vs dense; then each
+layer in turn at ``probe_factors[1]`` (256) with the others at the base. A layer whose error
+grows by more than ``sensitivity_threshold`` (1.05x) is high-sensitivity; the layer tiers are
+written as JSON (``spark3r-layer-tiers/1``) with the measured errors under ``meta``. The factors
+are temporal strides, so the probe needs more frames than the base factor (otherwise both
+settings keep only frame 0's keys); use smaller ``--probe-factors`` for short inputs.
 """
 from __future__ import annotations
 
@@ -30,8 +38,9 @@ import torch
 
 from spark3r.accel.apply import global_modules, remove
 from spark3r.accel.common import exact_attention, relative_error
-from spark3r.accel.schedule import KVSchedule, save_schedule
-from spark3r.accel.spark3r import KV_SCORES, Spark3RConfig, Spark3ROp
+from spark3r.accel.schedule import KVSchedule, LayerTiers, save_schedule, save_tiers
+from spark3r.accel.spark3r import KV_SCORES, RECIPES, Spark3RConfig, Spark3ROp
+from spark3r.accel.spark3r_paper import Spark3RPaperOp
 from spark3r.data import strict_json
 from spark3r.models.base import BackboneOutputs
 from spark3r.threads import add_threads_argument, apply_threads, resolve_threads
@@ -40,6 +49,8 @@ from . import flops as flops_mod
 from .runner import fidelity
 
 DEFAULT_CANDIDATES = (0.03, 0.06, 0.1, 0.2, 0.35, 1.0)
+PROBE_FACTORS = (32, 256)  # the paper's probe: base K/V factor, raised factor
+SENSITIVITY_THRESHOLD = 1.05
 
 
 @dataclass
@@ -60,8 +71,22 @@ class CalibrateConfig:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    recipe: str = "ours"  # "paper": the two-tier probe instead of the budget allocation
+    probe_factors: tuple[int, int] = PROBE_FACTORS
+    sensitivity_threshold: float = SENSITIVITY_THRESHOLD
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        base, raised = (int(f) for f in self.probe_factors)
+        if not 1 <= base < raised:
+            raise ValueError(f"probe_factors must be (base, raised) with 1 <= base < raised, got {self.probe_factors}")
+        if self.recipe == "paper" and self.frames <= base:
+            raise ValueError(f"the probe strides keys/values over time: with {self.frames} frames a base factor of "
+                             f"{base} keeps only frame 0 either way; give more than {base} frames or smaller "
+                             f"--probe-factors")
+        if not self.sensitivity_threshold > 1:
+            raise ValueError(f"sensitivity_threshold must be > 1 (an error ratio), got {self.sensitivity_threshold}")
         if self.target < 1:
             raise ValueError(f"target (global-attention FLOP reduction) must be >= 1, got {self.target}")
         cands = tuple(sorted(set(float(c) for c in self.candidates)))
@@ -227,6 +252,75 @@ def calibrate(cfg: CalibrateConfig, log=print) -> tuple[KVSchedule, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The paper recipe's two-tier probe
+
+
+def classify_sensitivity(base_error: float, raised_errors, threshold: float = SENSITIVITY_THRESHOLD) -> tuple[int, ...]:
+    """High-sensitivity layers: those whose output error with their own factor raised exceeds
+    ``threshold`` x the error with every layer at the base factor."""
+    return tuple(layer for layer, err in enumerate(raised_errors) if err > threshold * base_error)
+
+
+def probe_sensitivity(evaluate, num_layers: int, factors: tuple[int, int] = PROBE_FACTORS,
+                      threshold: float = SENSITIVITY_THRESHOLD) -> tuple[tuple[int, ...], float, list[float]]:
+    """The paper's one-time probe. ``evaluate(kv_factors)`` -> output error of a run with one K/V
+    factor per layer. Returns (high-sensitivity layers, base error, per-layer raised errors)."""
+    base, raised = factors
+    base_error = evaluate((base,) * num_layers)
+    raised_errors = []
+    for layer in range(num_layers):
+        kv = [base] * num_layers
+        kv[layer] = raised
+        raised_errors.append(evaluate(tuple(kv)))
+    return classify_sensitivity(base_error, raised_errors, threshold), base_error, raised_errors
+
+
+def calibrate_tiers(cfg: CalibrateConfig, log=print) -> tuple[LayerTiers, dict]:
+    """Run :func:`probe_sensitivity` on the model (see the module docstring)."""
+    from spark3r.models import load_pretrained
+    from spark3r.models.registry import inference_overrides
+
+    device = torch.device(cfg.device)
+    model = load_pretrained(cfg.model, cfg.checkpoint or "seeded", device=device, dtype=getattr(torch, cfg.dtype),
+                            **inference_overrides(cfg.model)).eval()
+    images, source = load_inputs(cfg)
+    images = images.to(device, getattr(torch, cfg.dtype))
+    h, w = cfg.size
+    modules = global_modules(model)
+    num_layers = len(modules)
+    config = Spark3RConfig(recipe="paper")
+    placeholder = LayerTiers((), num_layers, cfg.model)
+    with torch.inference_mode():
+        remove(model)
+        patch_tokens = model.encode_patches(images)
+        ref = model.decode(model(images, patch_tokens=patch_tokens), (h, w))
+
+        def evaluate(kv_factors) -> float:
+            op = Spark3RPaperOp(config, placeholder, fixed_kv_factors=kv_factors)
+            for m in modules:
+                m.global_op = op
+            try:
+                out = model(images, patch_tokens=patch_tokens)
+            finally:
+                remove(model)
+            err, _ = output_error(model.decode(out, (h, w)), ref)
+            log(f"K/V factors {list(kv_factors)}: output error {err:.4g}")
+            return err
+
+        high, base_error, raised = probe_sensitivity(evaluate, num_layers, tuple(cfg.probe_factors),
+                                                     cfg.sensitivity_threshold)
+    weights = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else "seeded-v1 (synthetic)"
+    tiers = LayerTiers(high, num_layers, cfg.model,
+                       note=f"probed: K/V factor {cfg.probe_factors[0]} -> {cfg.probe_factors[1]} one layer at a time, "
+                            f"> {cfg.sensitivity_threshold:g}x error = high-sensitivity; {cfg.frames} frames of {h}x{w}",
+                       meta={"weights": weights, "inputs": source, "probe_factors": list(cfg.probe_factors),
+                             "threshold": cfg.sensitivity_threshold, "base_error": base_error,
+                             "raised_error": raised, "error_ratio": [e / base_error if base_error > 0 else float("inf")
+                                                                     for e in raised]})
+    return tiers, {"layer_tiers": tiers.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -262,7 +356,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
                    help=f"model/compute dtype (default {d.dtype})")
     add_threads_argument(p)
-    p.add_argument("--out", required=True, help="schedule file to write (JSON)")
+    p.add_argument("--recipe", default=d.recipe, choices=RECIPES,
+                   help="ours: per-layer K/V budgets for --target; paper: the two-tier sensitivity probe -> layer tiers")
+    p.add_argument("--probe-factors", type=_parse_factors, default=d.probe_factors,
+                   help="recipe paper: base and raised K/V factor of the probe (default 32,256)")
+    p.add_argument("--sensitivity-threshold", type=float, default=d.sensitivity_threshold,
+                   help="recipe paper: error ratio above which a layer is high-sensitivity (default 1.05)")
+    p.add_argument("--out", required=True, help="schedule (recipe ours) or layer-tiers (recipe paper) file to write (JSON)")
+
+
+def _parse_factors(text: str) -> tuple[int, int]:
+    try:
+        base, raised = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers like 32,256, got {text!r}") from None
+    return base, raised
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,6 +384,11 @@ def run(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(CalibrateConfig)}
     kw = {k: v for k, v in vars(args).items() if k in fields and k != "candidates"}
     cfg = CalibrateConfig(candidates=cands, **kw)
+    if cfg.recipe == "paper":
+        tiers, report = calibrate_tiers(cfg, log=lambda s: print(s, file=sys.stderr))
+        save_tiers(tiers, args.out)
+        print(strict_json.dumps({**report, "written": str(args.out)}, indent=1))
+        return 0
     schedule, report = calibrate(cfg, log=lambda s: print(s, file=sys.stderr))
     save_schedule(schedule, args.out)
     print(strict_json.dumps({**report, "written": str(args.out)}, indent=1))

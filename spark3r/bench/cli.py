@@ -28,17 +28,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="real weights (file, HF directory); default: seeded-v1 synthetic weights")
     p.add_argument("--layer", type=int, help="global layer whose attention op is timed (default: the middle one)")
     p.add_argument("--input-seed", type=int, dest="seed", help="seed of the synthetic input images / q,k,v")
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out", help="also write the JSON here (--quality: a folder for quality.json/.md/.png)")
     p.add_argument("--table", action="store_true", help="print a Markdown summary table to stderr")
     add_method_arguments(p)
     from .stream import add_stream_arguments  # --stream: the node's pipeline
     add_stream_arguments(p)
+    from .quality import add_quality_arguments  # --quality: methods vs ground truth
+    add_quality_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.stream and args.quality:
+        raise ValueError("--stream and --quality are two different benchmarks; give one")
     if args.stream:
         from .stream import run_stream_from_args
         return run_stream_from_args(args)
+    if args.quality:
+        from .quality import run_quality_from_args
+        return run_quality_from_args(args)
     overrides = {k: getattr(args, k) for k in ("model", "frames", "scope", "repeats", "flops_only", "threads",
                                                "device", "dtype", "checkpoint", "layer", "seed")}
     if args.size:

@@ -56,8 +56,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                 kind = str
             takers = ", ".join(m for m, s in METHODS.items() if f.name in {x.name for x in dataclasses.fields(s.config_cls)})
             metavar = "RxC" if isinstance(default, tuple) else "BOOL" if isinstance(default, bool) else f.name.upper()
+            doc = f.metadata.get("doc")
             group.add_argument("--" + f.name.replace("_", "-"), dest="m_" + f.name, type=kind, default=None,
-                               metavar=metavar, help=f"{takers} (default {default!r})")
+                               metavar=metavar, help=f"{takers} (default {default!r})" + (f": {doc}" if doc else ""))
 
 
 def method_params(args: argparse.Namespace, methods) -> dict[str, dict]:

@@ -280,8 +280,9 @@ class BackboneConfig:
     # (importing it here would pull torch into the configuration layer).
     reduction: str = param("dense", "global-attention token reduction method registered in spark3r.accel (dense, "
                                     "uniform, spark3r, speed3r, ...); its parameters are reduction.<name>", non_empty=True)
-    reduction_schedule: str = param("", "Spark3R key/value schedule JSON file for reduction 'spark3r' ('' = the "
-                                        "backbone's default schedule)")
+    reduction_schedule: str = param("", "Spark3R key/value schedule JSON file for reduction 'spark3r' (with "
+                                        "reduction.recipe 'paper': a layer-tiers file from `spark3r calibrate --recipe "
+                                        "paper`; '' = the backbone's default)")
     reduction_params: dict = field(default_factory=dict, metadata={
         "doc": "keyword parameters of the reduction method (flat: reduction.<name>); reduction_schedule is added as "
                "'schedule'"})
@@ -391,6 +392,14 @@ def reduction_params_for(method: str, values: dict[str, Any], schedule: str = ""
     if schedule and method_fields is not None and "schedule" not in method_fields:
         raise ValueError(f"reduction_schedule={schedule!r} is set but reduction={method!r} takes no schedule; a schedule "
                          "is only used by reduction 'spark3r' (or leave reduction_schedule empty)")
+    if method_fields is not None:
+        from spark3r.accel import make_config
+
+        try:  # combinations the method refuses (e.g. reduction.recipe 'paper' with reduction.query_keep)
+            make_config(method, **out)
+        except ValueError as e:
+            raise ValueError(f"reduction={method!r} with {', '.join(f'{REDUCTION_PREFIX}{k}={v!r}' for k, v in out.items())}: "
+                             f"{e}") from None
     return out
 
 
