@@ -11,12 +11,8 @@ from spark3r.cli import main as cli_main
 from spark3r.models.camera import extrinsics_intrinsics_to_pose_encoding
 from spark3r.train.checkpoint import export_shipped, read_resume_payload
 from spark3r.train.data import BatchStream, DataConfig, batch_layout, render_batch
-from spark3r.train.evaluate import (
-    constant_velocity_c2w,
-    median_scaled_depth_errors,
-    pose_auc,
-    relative_pose_errors,
-)
+from spark3r.eval.pose import pairwise_pose_errors, pose_auc
+from spark3r.train.evaluate import constant_velocity_c2w, median_scaled_depth_errors
 from spark3r.train.loop import Trainer, TrainConfig, batch_to_tensors, learning_rate
 from spark3r.train.objective import ObjectiveConfig, compute_objective, normalize_scene
 
@@ -131,16 +127,16 @@ def test_pose_auc_and_baselines():
     from spark3r.data.procedural import camera_pose
 
     gt = np.stack([camera_pose(np.array([0.3 * k, 0.1 * k * k, 1.0]), 0.2 * k, 0.05 * k) for k in range(6)])
-    r, t = relative_pose_errors(gt, gt, 0.01)
+    r, t = pairwise_pose_errors(gt, gt, 0.01)
     assert np.allclose(r, 0, atol=1e-5) and np.allclose(t, 0, atol=1e-3) and pose_auc(r, t) == 1.0
     # Similarity-transformed predictions (other world frame and scale) score the same.
     sim = np.eye(4)
     sim[:3, :3] = camera_pose(np.zeros(3), 1.0, 0.3, 0.2)[:3, :3]
     moved = sim @ gt
     moved[:, :3, 3] *= 2.5
-    assert pose_auc(*relative_pose_errors(moved, gt, 0.01)) == 1.0
+    assert pose_auc(*pairwise_pose_errors(moved, gt, 0.01)) == 1.0
     ident = np.repeat(np.eye(4)[None], 6, axis=0)
-    assert pose_auc(*relative_pose_errors(ident, gt, 0.01)) < 0.2
+    assert pose_auc(*pairwise_pose_errors(ident, gt, 0.01)) < 0.2
     cv = constant_velocity_c2w(gt)
     assert np.allclose(cv[:2], gt[:2])
-    assert 0.0 < pose_auc(*relative_pose_errors(cv, gt, 0.01)) < 1.0
+    assert 0.0 < pose_auc(*pairwise_pose_errors(cv, gt, 0.01)) < 1.0

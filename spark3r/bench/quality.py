@@ -42,8 +42,9 @@ from spark3r.eval.trajectory import evaluate_trajectory
 from . import flops as flops_mod
 from .runner import time_stats, timed
 
-DATA_SOURCES = ("synthetic",)
-DEFAULT_MODEL = "vggt-tiny"
+DATA_SOURCES = ("procedural", "synthetic")
+DEFAULT_DATA = "procedural"  # held-out procedural scenes (the trained vggt-nano never saw them)
+DEFAULT_MODEL = "vggt-nano"
 DEFAULT_FRAMES = (16, 64, 256)
 DEFAULT_SIZE = (112, 140)  # the nano model's input size (height x width)
 # (metric, higher is better): what the table, the deltas and the plot report
@@ -123,6 +124,13 @@ def default_variants_text() -> str:
 def load_sequences(data: str, frames: int, size: tuple[int, int], count: int, first_seed: int = 0) -> list:
     """``count`` sequences of ``frames`` frames at ``size`` (height, width) from ``data``."""
     h, w = size
+    if data == "procedural":
+        from spark3r.data.procedural import HELDOUT_SEED_LIMIT, render_procedural
+
+        if not 0 <= first_seed or first_seed + count > HELDOUT_SEED_LIMIT:
+            raise ValueError(f"procedural sequences for evaluation use the held-out seeds [0, {HELDOUT_SEED_LIMIT}); "
+                             f"got {first_seed}..{first_seed + count - 1}")
+        return [render_procedural(first_seed + i, frames, h, w) for i in range(count)]
     if data == "synthetic":
         from spark3r.data.synthetic import render_sequence
 
@@ -233,8 +241,8 @@ def quality_change(method: dict, dense: dict) -> dict:
 @dataclass
 class QualityConfig:
     model: str = DEFAULT_MODEL
-    checkpoint: Optional[str] = None  # None: seeded-v1 synthetic weights
-    data: str = "synthetic"
+    checkpoint: Optional[str] = None  # None: the weights shipped in the package (vggt-nano), else seeded-v1
+    data: str = DEFAULT_DATA
     frames: tuple[int, ...] = DEFAULT_FRAMES
     size: tuple[int, int] = DEFAULT_SIZE
     sequences: int = 1
@@ -278,9 +286,13 @@ def _load_model(cfg: QualityConfig):
     from spark3r.models import load_pretrained
     from spark3r.models.registry import inference_overrides
 
-    model = load_pretrained(cfg.model, cfg.checkpoint or "seeded", device=torch.device(cfg.device),
+    from spark3r.models.registry import DEFAULT_SOURCES
+
+    source = cfg.checkpoint or ("builtin" if DEFAULT_SOURCES.get(cfg.model) == "builtin" else "seeded")
+    model = load_pretrained(cfg.model, source, device=torch.device(cfg.device),
                             dtype=getattr(torch, cfg.dtype), **inference_overrides(cfg.model)).eval()
-    return model, (f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else "seeded-v1 (synthetic)")
+    return model, {"seeded": "seeded-v1 (synthetic)", "builtin": "built-in (shipped, trained here)"}.get(
+        source, f"checkpoint {source}")
 
 
 def run_quality(cfg: QualityConfig, log=None, predictions: Optional[dict] = None) -> dict:
@@ -453,7 +465,8 @@ def add_quality_arguments(p) -> None:
     g.add_argument("--quality", action="store_true", help="run the quality benchmark instead")
     g.add_argument("--frame-counts", help=f"comma-separated frame counts (default {','.join(map(str, DEFAULT_FRAMES))})")
     g.add_argument("--sequences", type=int, default=1, help="held-out sequences per frame count (default 1)")
-    g.add_argument("--data", default="synthetic", choices=DATA_SOURCES, help="where the sequences come from")
+    g.add_argument("--data", default=DEFAULT_DATA, choices=DATA_SOURCES,
+                   help=f"where the sequences come from: held-out procedural scenes or the synthetic room (default {DEFAULT_DATA})")
     g.add_argument("--first-seed", type=int, default=0, help="seed of the first sequence")
     g.add_argument("--cloud-threshold", type=float, default=0.05, help="precision/recall distance of the point maps")
 

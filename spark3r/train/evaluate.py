@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from spark3r.data.procedural import HELDOUT_SEED_LIMIT, render_procedural
+from spark3r.eval.pose import pairwise_pose_errors, pose_auc
 
 PATCH = 14
 
@@ -87,45 +88,6 @@ def median_scaled_depth_errors(pred: np.ndarray, gt: np.ndarray) -> dict[str, fl
     return {"abs_rel": float(np.mean(np.abs(p - g) / g)), "delta_1_25": float(np.mean(ratio < 1.25))}
 
 
-def _rotation_angle_deg(r: np.ndarray) -> np.ndarray:
-    cos = (np.trace(r, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-
-
-def relative_pose_errors(pred_c2w: np.ndarray, gt_c2w: np.ndarray, min_baseline: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair (i < j): rotation error and translation-direction error in degrees (NaN
-    translation error where the ground-truth baseline is below ``min_baseline``; an undefined
-    predicted direction counts as 90 degrees)."""
-    s = len(gt_c2w)
-    i, j = np.triu_indices(s, k=1)
-
-    def rel(c2w):  # pose of camera j in camera i
-        return np.linalg.inv(c2w[i]) @ c2w[j]
-
-    rp, rg = rel(pred_c2w), rel(gt_c2w)
-    r_err = _rotation_angle_deg(np.swapaxes(rp[:, :3, :3], -1, -2) @ rg[:, :3, :3])
-    tp, tg = rp[:, :3, 3], rg[:, :3, 3]
-    np_, ng = np.linalg.norm(tp, axis=-1), np.linalg.norm(tg, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.einsum("ij,ij->i", tp, tg) / (np_ * ng)
-    t_err = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-    t_err = np.minimum(t_err, 180.0 - t_err)
-    t_err = np.where(np_ > 1e-9, t_err, 90.0)
-    t_err = np.where(ng >= min_baseline, t_err, np.nan)
-    return r_err, t_err
-
-
-def pose_auc(r_err: np.ndarray, t_err: np.ndarray, max_threshold: int = 30) -> float:
-    """Mean over thresholds 1..max_threshold degrees of the share of pairs whose error (the
-    larger of rotation and translation-direction error; rotation alone where the latter is NaN)
-    is below the threshold."""
-    err = np.where(np.isnan(t_err), r_err, np.maximum(r_err, np.nan_to_num(t_err, nan=0.0)))
-    if err.size == 0:
-        return float("nan")
-    thresholds = np.arange(1, max_threshold + 1)
-    return float(np.mean([(err < t).mean() for t in thresholds]))
-
-
 def constant_velocity_c2w(gt_c2w: np.ndarray) -> np.ndarray:
     """Frame 0's pose followed by the 0 -> 1 ground-truth motion repeated (a motion model)."""
     step = np.linalg.inv(gt_c2w[0]) @ gt_c2w[1]
@@ -151,7 +113,7 @@ def predict_window(model, images_uint8: np.ndarray, device="cpu") -> tuple[np.nd
 
 def _window_metrics(depth_pred, c2w_pred, seq, min_baseline) -> dict[str, float]:
     d = median_scaled_depth_errors(depth_pred, seq.depth)
-    r_err, t_err = relative_pose_errors(c2w_pred, seq.c2w, min_baseline)
+    r_err, t_err = pairwise_pose_errors(c2w_pred, seq.c2w, min_baseline)
     d["pose_auc_30"] = pose_auc(r_err, t_err)
     d["rot_err_deg"] = float(np.mean(r_err))
     return d
