@@ -113,6 +113,52 @@ class MapConfig:
 
 
 @dataclass
+class BackendConfig:
+    pose_graph: bool = param(
+        True, "optimise keyframe poses in a Sim(3) pose graph (gtsam iSAM2) fed by every window; false = plain sliding-window odometry (a keyframe's pose is frozen when mapped, tracking loss restarts the map)")
+    graph_rotation_sigma_deg: float = param(
+        1.0, "standard deviation (degrees) of a window's relative rotation between two keyframes at zero alignment residual; inflated by the window's residual and inlier fraction")
+    graph_translation_sigma: float = param(
+        0.02, "standard deviation of a window's relative translation as a fraction of the keyframe's median depth; inflated like graph_rotation_sigma_deg")
+    graph_scale_sigma: float = param(
+        0.02, "standard deviation of a window's relative log-scale between two keyframes; inflated like graph_rotation_sigma_deg")
+    keyframe_points: int = param(
+        4000, "confident points kept per keyframe in its own camera frame (the map cache is rebuilt from them when poses change)")
+    map_update_threshold: float = param(
+        0.5, "a keyframe's points are moved in the map cache when an optimisation moves them by more than this many voxels")
+    store_keyframes_in_memory: int = param(
+        500, "keyframes whose image and points stay in memory; older ones are spilled to a temporary directory and read back on demand (0 = never spill)")
+    loop_closure: bool = param(
+        True, "search earlier keyframes for the current place (descriptors from the backbone's own tokens), verify candidates with the backbone and add loop constraints; needs pose_graph and a backbone that returns descriptors")
+    loop_min_score: float = param(
+        0.85, "cosine similarity of place descriptors above which an earlier keyframe becomes a loop candidate")
+    loop_min_keyframe_gap: int = param(
+        20, "a loop candidate must be at least this many keyframes older than the current keyframe (recent keyframes are already linked by the windows)")
+    loop_min_inlier_fraction: float = param(
+        0.4, "a loop candidate is accepted only if at least this share of the current keyframe's points lands on the candidate's surfaces (and its depth scale agrees) in the verification window")
+    loop_max_drift: float = param(
+        0.5, "a verified loop is accepted only if it moves the current keyframe relative to the candidate by at most this fraction of the path length between them (rotation: this many radians per path length, at least 0.3 rad)")
+    loop_cooldown_keyframes: int = param(
+        3, "after an accepted loop, no new loop search for this many keyframes")
+
+    def __post_init__(self) -> None:
+        for name in ("pose_graph", "loop_closure"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
+        for name in ("graph_rotation_sigma_deg", "graph_translation_sigma", "graph_scale_sigma", "map_update_threshold", "loop_max_drift"):
+            value = getattr(self, name)
+            _check(_finite(value) and value > 0, name, value, "a finite number > 0")
+        _check(isinstance(self.keyframe_points, int) and self.keyframe_points >= 16, "keyframe_points", self.keyframe_points, "an integer >= 16")
+        _check(isinstance(self.store_keyframes_in_memory, int) and self.store_keyframes_in_memory >= 0, "store_keyframes_in_memory",
+               self.store_keyframes_in_memory, "an integer >= 0 (0 = never spill)")
+        _check(_finite(self.loop_min_score) and -1 <= self.loop_min_score <= 1, "loop_min_score", self.loop_min_score, "a number in [-1, 1] (cosine similarity)")
+        _check(isinstance(self.loop_min_keyframe_gap, int) and self.loop_min_keyframe_gap >= 1, "loop_min_keyframe_gap", self.loop_min_keyframe_gap, "an integer >= 1")
+        _check(_finite(self.loop_min_inlier_fraction) and 0 < self.loop_min_inlier_fraction <= 1, "loop_min_inlier_fraction",
+               self.loop_min_inlier_fraction, "a number in (0, 1]")
+        _check(isinstance(self.loop_cooldown_keyframes, int) and self.loop_cooldown_keyframes >= 0, "loop_cooldown_keyframes",
+               self.loop_cooldown_keyframes, "an integer >= 0")
+
+
+@dataclass
 class BackboneConfig:
     backbone: str = param("vggt-1b", "model preset: vggt-1b, pi3, da3-small, da3-base, da3-large, da3-giant (vggt-tiny, pi3-tiny for tests)")
     checkpoint: str = param("", "weights: a file / directory / hub id, or 'seeded' for deterministic test weights; empty = none (refused)")
@@ -141,9 +187,10 @@ class MapperConfig:
     keyframe: KeyframeConfig = field(default_factory=KeyframeConfig, metadata={"doc": "keyframe gate"})
     window: WindowConfig = field(default_factory=WindowConfig, metadata={"doc": "sliding window and alignment"})
     map: MapConfig = field(default_factory=MapConfig, metadata={"doc": "point extraction and voxel map"})
+    backend: BackendConfig = field(default_factory=BackendConfig, metadata={"doc": "keyframe store, pose graph, loop closure"})
 
     def __post_init__(self) -> None:
-        for name, cls in (("keyframe", KeyframeConfig), ("window", WindowConfig), ("map", MapConfig)):
+        for name, cls in (("keyframe", KeyframeConfig), ("window", WindowConfig), ("map", MapConfig), ("backend", BackendConfig)):
             value = getattr(self, name)
             if not isinstance(value, cls):
                 raise TypeError(f"MapperConfig.{name} must be a {cls.__name__}, got {type(value).__name__}")
@@ -151,8 +198,8 @@ class MapperConfig:
     @classmethod
     def from_flat(cls, values: dict[str, Any], strict: bool = True) -> "MapperConfig":
         """Build from flat ``{parameter_name: value}`` (how ROS parameters arrive); names are
-        unique across the three sections. Unknown names raise ValueError when ``strict``."""
-        sections = {"keyframe": KeyframeConfig, "window": WindowConfig, "map": MapConfig}
+        unique across the sections. Unknown names raise ValueError when ``strict``."""
+        sections = {"keyframe": KeyframeConfig, "window": WindowConfig, "map": MapConfig, "backend": BackendConfig}
         owner = {f.name: s for s, c in sections.items() for f in fields(c)}
         kwargs: dict[str, dict[str, Any]] = {s: {} for s in sections}
         unknown = []

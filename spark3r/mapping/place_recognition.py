@@ -1,0 +1,88 @@
+"""Place recognition from the backbone's own tokens: a global descriptor per keyframe and a
+search over the keyframe store. No extra network.
+
+:func:`place_descriptor` is a pure function of one frame's patch tokens ``[h, w, C]`` (the
+encoder's patch embeddings or any per-patch feature): tokens are centred on the frame's mean
+token (what every patch shares says nothing about *where* the camera is), pooled into a coarse
+``grid x grid`` spatial layout (two views of a place agree on what is left, right, up, down),
+power-normalised (signed square root: a few strong patches must not dominate) and scaled to unit
+length, so the dot product of two descriptors is their cosine similarity in [-1, 1].
+
+:func:`image_tokens` makes such tokens from a raw image (small colour patches); it is what the
+test doubles use, and a fallback for backbones that expose no tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import cv2
+import numpy as np
+
+DESCRIPTOR_GRID = 4
+
+
+def place_descriptor(tokens: np.ndarray, grid: int = DESCRIPTOR_GRID) -> np.ndarray:
+    """Unit-length float32 descriptor ``[grid * grid * C]`` of one frame's tokens ``[h, w, C]``
+    (``h, w >= grid``)."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if tokens.ndim != 3 or tokens.shape[0] < grid or tokens.shape[1] < grid or tokens.shape[2] < 1:
+        raise ValueError(f"place_descriptor expects tokens [h, w, C] with h, w >= {grid}, got {tokens.shape}")
+    if not np.all(np.isfinite(tokens)):
+        raise ValueError("place_descriptor: tokens contain NaN or inf")
+    h, w, C = tokens.shape
+    centred = tokens - tokens.reshape(-1, C).mean(axis=0)
+    rows = np.minimum((np.arange(h) * grid) // h, grid - 1)
+    cols = np.minimum((np.arange(w) * grid) // w, grid - 1)
+    cell = (rows[:, None] * grid + cols[None, :]).reshape(-1)
+    sums = np.zeros((grid * grid, C))
+    np.add.at(sums, cell, centred.reshape(-1, C))
+    pooled = sums / np.bincount(cell, minlength=grid * grid)[:, None]
+    d = (np.sign(pooled) * np.sqrt(np.abs(pooled))).reshape(-1)
+    norm = np.linalg.norm(d)
+    if norm <= 0:
+        return np.zeros(d.shape, np.float32)  # a uniform frame matches nothing
+    return (d / norm).astype(np.float32)
+
+
+def image_tokens(image: np.ndarray, patches: tuple[int, int] = (12, 16), patch: int = 4) -> np.ndarray:
+    """Per-patch colour tokens ``[ph, pw, 3 * patch * patch]`` of an RGB uint8 image resized to
+    ``patches * patch`` pixels (raw pixel features, scaled to [0, 1])."""
+    ph, pw = patches
+    small = cv2.resize(np.asarray(image), (pw * patch, ph * patch), interpolation=cv2.INTER_AREA).astype(np.float64) / 255.0
+    return small.reshape(ph, patch, pw, patch, 3).transpose(0, 2, 1, 3, 4).reshape(ph, pw, -1)
+
+
+@dataclass(frozen=True)
+class PlaceMatch:
+    keyframe_id: int
+    score: float     # cosine similarity
+
+
+def search_places(query: np.ndarray, ids: np.ndarray, descriptors: np.ndarray, allowed: Optional[np.ndarray] = None,
+                  min_score: float = 0.0, top_k: int = 3, suppress_radius: int = 2) -> list[PlaceMatch]:
+    """The best ``top_k`` stored keyframes for ``query`` with a score >= ``min_score``.
+
+    ``ids [M]``/``descriptors [M, D]``: the store's (oldest first); ``allowed [M]`` bool masks the
+    rows that may match (e.g. not the recent keyframes). Matches closer than ``suppress_radius``
+    rows to a better match are dropped (neighbouring keyframes of one place are one candidate).
+    Cost: one matrix-vector product over the store.
+    """
+    if len(ids) == 0:
+        return []
+    q = np.asarray(query, np.float32).reshape(-1)
+    if q.shape[0] != descriptors.shape[1]:
+        raise ValueError(f"query descriptor has {q.shape[0]} dimensions, the store holds {descriptors.shape[1]}")
+    scores = descriptors @ q
+    ok = scores >= min_score
+    if allowed is not None:
+        ok &= allowed
+    rows = np.flatnonzero(ok)
+    rows = rows[np.argsort(-scores[rows], kind="stable")]
+    picked: list[int] = []
+    for r in rows:
+        if all(abs(int(r) - p) > suppress_radius for p in picked):
+            picked.append(int(r))
+            if len(picked) == top_k:
+                break
+    return [PlaceMatch(int(ids[r]), float(scores[r])) for r in picked]
