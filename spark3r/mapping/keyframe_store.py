@@ -84,6 +84,7 @@ class KeyframeStore:
         self._spill_dir: Optional[Path] = None
         self._spilled: set[int] = set()
         self._order: dict[int, int] = {}       # id -> insertion index (for keyframe gaps)
+        self._ids: list[int] = []              # insertion index -> id
         self._next_index = 0
         # Descriptor matrix for place recognition, grown by doubling.
         self._desc = np.zeros((0, 0), np.float32)
@@ -111,6 +112,10 @@ class KeyframeStore:
         """Insertion order of a keyframe (keyframe gaps are counted in it)."""
         return self._order[keyframe_id]
 
+    def id_at(self, index: int) -> Optional[int]:
+        """The keyframe inserted ``index``-th, or None outside the store."""
+        return self._ids[index] if 0 <= index < len(self._ids) else None
+
     @property
     def spilled(self) -> int:
         return len(self._spilled)
@@ -120,6 +125,7 @@ class KeyframeStore:
             raise ValueError(f"keyframe {frame.id} is already in the store")
         self._frames[frame.id] = frame
         self._order[frame.id] = self._next_index
+        self._ids.append(frame.id)
         self._next_index += 1
         self._payloads[frame.id] = payload
         if frame.descriptor is not None:
@@ -149,6 +155,7 @@ class KeyframeStore:
         self._frames.clear()
         self._payloads.clear()
         self._order.clear()
+        self._ids.clear()
         self._spilled.clear()
         self._next_index = 0
         self._desc = np.zeros((0, 0), np.float32)

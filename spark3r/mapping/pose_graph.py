@@ -101,6 +101,11 @@ class PoseGraph:
     def factors(self) -> list[FactorRecord]:
         return list(self._factors)
 
+    @property
+    def anchors(self) -> list[int]:
+        """Anchored nodes (one per live segment)."""
+        return list(self._anchors)
+
     def segment(self, key: int) -> int:
         """The (merged) segment a node belongs to."""
         s = self._segment_of[key]
