@@ -183,7 +183,8 @@ class KeyframeStore:
             raise ValueError(f"descriptor of keyframe {keyframe_id} has {d.shape[0]} dimensions, the store holds {self._desc.shape[1]}")
         if self._desc_count == len(self._desc):
             grown = np.zeros((max(16, 2 * len(self._desc)), d.shape[0]), np.float32)
-            grown[: self._desc_count] = self._desc[: self._desc_count]
+            if self._desc_count:
+                grown[: self._desc_count] = self._desc[: self._desc_count]
             ids = np.zeros(len(grown), np.int64)
             ids[: self._desc_count] = self._desc_ids[: self._desc_count]
             self._desc, self._desc_ids = grown, ids

@@ -55,6 +55,8 @@ from .voxel_map import VoxelMap
 
 log = logging.getLogger(__name__)
 
+
+
 # Pose of a camera optical frame (x right, y down, z forward) in a REP-103 body frame
 # (x forward, y left, z up): the rotation used when no base->camera extrinsic is known.
 OPTICAL_IN_BODY = np.array(
@@ -817,7 +819,7 @@ class Mapper:
             return
         threshold = self.config.backend.map_update_threshold * self.voxel_map.voxel_size
         slots = {s.keyframe.id: s for s in self._window}
-        updated = []
+        updated, removed, added, colours = [], [], [], []
         for kid, pose in estimates.items():
             if kid not in self.store:
                 continue
@@ -827,11 +829,16 @@ class Mapper:
                 slots[kid].pose = pose
             if f.cached_pose is not None and sim3_displacement_bound(pose, f.cached_pose, f.radius) > threshold:
                 old_xyz, rgb = self.store.map_points(kid, f.cached_pose)
-                self.voxel_map.remove(old_xyz, rgb)
-                self.voxel_map.insert(self.store.map_points(kid, pose)[0], rgb)
+                removed.append(old_xyz)
+                added.append(self.store.map_points(kid, pose)[0])
+                colours.append(rgb)
                 f.cached_pose = pose
-                self._stats.map_cache_moves += 1
             updated.append(f)
+        if removed:  # one batched update of the cache: its cost is per call, not per keyframe
+            rgb = np.concatenate(colours)
+            self.voxel_map.remove(np.concatenate(removed), rgb)
+            self.voxel_map.insert(np.concatenate(added), rgb)
+            self._stats.map_cache_moves += len(removed)
         with self._read_lock:
             for f in updated:
                 old = self._trajectory.get(f.id)
@@ -890,7 +897,7 @@ class Mapper:
             if not merging and not self._plausible_drift(match.keyframe_id, query_id, check.relative):
                 self._reject_loop(REJECT_GRAPH)
                 continue
-            sigmas = self._relative_sigmas(c.median_depth, 0.0, min(check.overlap, check.scale_inliers))
+            sigmas = self._relative_sigmas(c.median_depth, 0.0, 1.0)  # one verified window, weighted like one
             self.graph.add_between(FactorRecord(match.keyframe_id, query_id, check.relative, sigmas, FACTOR_LOOP))
             if merging:
                 self.graph.merge_segments(match.keyframe_id, query_id)
