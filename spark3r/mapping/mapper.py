@@ -964,11 +964,11 @@ class Mapper:
     def _try_relocalization(self, slot_index: int, descriptor: Optional[np.ndarray]) -> bool:
         """Localization-only: find the loaded map's keyframe for the newest live keyframe, verify
         it with the backbone and set ``odom -> map``. Tried on every window until localized,
-        then every ``loop_min_keyframe_gap`` keyframes to follow the odometry's drift."""
+        then every ``loop_cooldown_keyframes`` keyframes, so the correction follows the odometry's drift."""
         cfg = self.config.backend
         if descriptor is None or not len(self.store):
             return False
-        if self._odom_to_map is not None and self._live_since_reloc < cfg.loop_min_keyframe_gap:
+        if self._odom_to_map is not None and self._live_since_reloc < cfg.loop_cooldown_keyframes:
             return False
         slot = self._window[slot_index]
         local, _ = self._keyframe_points(slot, min(self.config.map.max_points_per_keyframe, cfg.keyframe_points))
