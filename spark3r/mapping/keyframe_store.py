@@ -89,6 +89,8 @@ class KeyframeStore:
         # Descriptor matrix for place recognition, grown by doubling.
         self._desc = np.zeros((0, 0), np.float32)
         self._desc_ids = np.zeros(0, np.int64)
+        self._desc_index = np.zeros(0, np.int64)     # insertion index per row
+        self._desc_segment = np.zeros(0, np.int64)   # segment per row
         self._desc_count = 0
 
     # ------------------------------------------------------------------ contents
@@ -129,7 +131,7 @@ class KeyframeStore:
         self._next_index += 1
         self._payloads[frame.id] = payload
         if frame.descriptor is not None:
-            self._add_descriptor(frame.id, frame.descriptor)
+            self._add_descriptor(frame.id, frame.descriptor, self._next_index - 1, frame.segment)
         self._spill_beyond_capacity()
 
     def payload(self, keyframe_id: int) -> KeyframePayload:
@@ -160,6 +162,8 @@ class KeyframeStore:
         self._next_index = 0
         self._desc = np.zeros((0, 0), np.float32)
         self._desc_ids = np.zeros(0, np.int64)
+        self._desc_index = np.zeros(0, np.int64)
+        self._desc_segment = np.zeros(0, np.int64)
         self._desc_count = 0
         if self._spill_dir is not None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
@@ -177,7 +181,7 @@ class KeyframeStore:
 
     # ------------------------------------------------------------------ descriptors
 
-    def _add_descriptor(self, keyframe_id: int, descriptor: np.ndarray) -> None:
+    def _add_descriptor(self, keyframe_id: int, descriptor: np.ndarray, index: int, segment: int) -> None:
         d = np.asarray(descriptor, np.float32).reshape(-1)
         if self._desc_count and d.shape[0] != self._desc.shape[1]:
             raise ValueError(f"descriptor of keyframe {keyframe_id} has {d.shape[0]} dimensions, the store holds {self._desc.shape[1]}")
@@ -185,17 +189,28 @@ class KeyframeStore:
             grown = np.zeros((max(16, 2 * len(self._desc)), d.shape[0]), np.float32)
             if self._desc_count:
                 grown[: self._desc_count] = self._desc[: self._desc_count]
-            ids = np.zeros(len(grown), np.int64)
-            ids[: self._desc_count] = self._desc_ids[: self._desc_count]
-            self._desc, self._desc_ids = grown, ids
+            def grow(a):
+                out = np.zeros(len(grown), np.int64)
+                out[: self._desc_count] = a[: self._desc_count]
+                return out
+
+            self._desc = grown
+            self._desc_ids, self._desc_index, self._desc_segment = grow(self._desc_ids), grow(self._desc_index), grow(self._desc_segment)
         self._desc[self._desc_count] = d
         self._desc_ids[self._desc_count] = keyframe_id
+        self._desc_index[self._desc_count] = index
+        self._desc_segment[self._desc_count] = segment
         self._desc_count += 1
 
     def descriptors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids ``[M]``, descriptors ``[M, D]``) of every keyframe that has one, oldest first
         (views, not copies)."""
         return self._desc_ids[: self._desc_count], self._desc[: self._desc_count]
+
+    def descriptor_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row of :meth:`descriptors`: insertion index and segment (at insertion; merges
+        are the graph's business)."""
+        return self._desc_index[: self._desc_count], self._desc_segment[: self._desc_count]
 
     # ------------------------------------------------------------------ spilling
 

@@ -879,10 +879,10 @@ class Mapper:
         if not lost and q_index - self._last_loop_index < cfg.loop_cooldown_keyframes:
             return False
         ids, descriptors = self.store.descriptors()
+        order, row_segment = self.store.descriptor_rows()
         q_segment = self.graph.segment(query_id)
-        order = np.array([self.store.index_of(int(k)) for k in ids]) if len(ids) else np.zeros(0, np.int64)
-        other_segment = np.array([self.graph.segment(int(k)) != q_segment for k in ids], bool)
-        allowed = other_segment | (order <= q_index - cfg.loop_min_keyframe_gap)
+        roots = self.graph.segment_roots(int(row_segment.max()) + 1 if len(row_segment) else 0)
+        allowed = (roots[row_segment] != q_segment) | (order <= q_index - cfg.loop_min_keyframe_gap)
         if not np.any(allowed):
             return False
         for match in self._loop_candidates(q.descriptor, allowed, ids, descriptors):
@@ -901,7 +901,7 @@ class Mapper:
             self.graph.add_between(FactorRecord(match.keyframe_id, query_id, check.relative, sigmas, FACTOR_LOOP))
             if merging:
                 self.graph.merge_segments(match.keyframe_id, query_id)
-            self._apply_estimates(self.graph.optimise_all())
+            self._apply_estimates(self.graph.optimise_all() if merging else self.graph.update_after_loop())
             self._last_loop_index = q_index
             with self._read_lock:
                 self._stats.loops_accepted += 1

@@ -12,10 +12,9 @@ Segments: a graph component with its own anchor (a tight prior on its first node
 loss starts a new segment; a verified link to an older segment merges the two and drops the
 newer anchor, so the link moves the whole newer segment into place.
 
-Optimisation: incremental iSAM2 after every window (cost bounded by the part of the Bayes tree
-the new factors touch, independent of the map's size for an odometry chain); after a loop, a
-batch Levenberg-Marquardt over the whole graph (loops are rare and move everything), then
-iSAM2 restarts from its solution.
+Optimisation: incremental iSAM2 after every window and after a loop (cost bounded by the part of
+the Bayes tree the new factors touch, not the map's size); only a segment merge (a removed
+anchor, rare) runs a batch Levenberg-Marquardt over the whole graph and restarts iSAM2 from it.
 """
 from __future__ import annotations
 
@@ -108,7 +107,17 @@ class PoseGraph:
 
     def segment(self, key: int) -> int:
         """The (merged) segment a node belongs to."""
-        s = self._segment_of[key]
+        return self._root(self._segment_of[key])
+
+    def segment_roots(self, count: int) -> np.ndarray:
+        """int64 ``[count]``: the merged segment of each segment id ``0..count-1`` (itself if unknown)."""
+        out = np.arange(count, dtype=np.int64)
+        for s in range(count):
+            if s in self._segment_parent:
+                out[s] = self._root(s)
+        return out
+
+    def _root(self, s: int) -> int:
         while self._segment_parent[s] != s:
             s = self._segment_parent[s]
         return s
@@ -168,6 +177,19 @@ class PoseGraph:
     def _reset_pending(self) -> None:
         self._pending_graph = gtsam.NonlinearFactorGraph()
         self._pending_values = gtsam.Values()
+
+    def update_after_loop(self, iterations: int = 4) -> dict[int, Sim3]:
+        """Incremental step with a new loop factor: iSAM2 re-eliminates only the part of the
+        Bayes tree between the loop's ends; a few extra iterations let its relinearisation
+        follow a large correction. Returns every node's estimate (a loop can move them all)."""
+        t0 = time.perf_counter()
+        self.update()
+        for _ in range(iterations):
+            self._isam.update()
+        values = self._isam.calculateEstimate()
+        self._values = {k: from_gtsam(values.atSimilarity3(k)) for k in self._values}
+        self.last_optimisation_s = time.perf_counter() - t0
+        return dict(self._values)
 
     def optimise_all(self, max_iterations: int = 50) -> dict[int, Sim3]:
         """Batch Levenberg-Marquardt over the whole graph (after a loop or a segment merge), then

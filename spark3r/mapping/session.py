@@ -142,7 +142,7 @@ def read_session(directory, keep_in_memory: int = 0) -> tuple[KeyframeStore, Pos
             desc = None
         ci_K = kf["camera_info_K"][k]
         frame = StoredKeyframe(
-            id=kid, stamp_ns=int(kf["stamp_ns"][k]), segment=int(kf["segment"][k]), window_index=int(kf["window_index"][k]),
+            id=kid, stamp_ns=int(kf["stamp_ns"][k]), segment=int(kf["graph_segment"][k]), window_index=int(kf["window_index"][k]),
             K=kf["K"][k].copy(), camera_info_K=None if not np.all(np.isfinite(ci_K)) else ci_K.copy(),
             pose=Sim3.from_matrix(kf["pose"][k]), odom_pose=Sim3.from_matrix(kf["odom_pose"][k]), descriptor=desc,
             median_depth=float(kf["median_depth"][k]), radius=float(kf["radius"][k]))
