@@ -218,5 +218,5 @@ def test_bad_session_directories_are_refused(tmp_path):
         m.load_session(tmp_path)
     with pytest.raises(ValueError, match="empty"):
         m.save_session(tmp_path / "x")
-    with pytest.raises(RuntimeError, match="pose_graph"):
+    with pytest.raises(ValueError, match="pose_graph"):
         Mapper(config(pose_graph=False), DriftingBackbone(loop_sequence(num_frames=8), seed=0)).save_session(tmp_path / "y")

@@ -1021,7 +1021,7 @@ class Mapper:
 
         with self._work_lock:
             if not self.backend_enabled:
-                raise RuntimeError("sessions need the back end (pose_graph=true): without it no keyframe is stored")
+                raise ValueError("sessions need the back end (pose_graph=true): without it no keyframe is stored")
             return write_session(directory, self.store, self.graph, self.config, self._window_index)
 
     def load_session(self, directory, localization_only: bool = False) -> int:
@@ -1034,7 +1034,7 @@ class Mapper:
         from .session import read_session
 
         if not self.backend_enabled:
-            raise RuntimeError("sessions need the back end (pose_graph=true)")
+            raise ValueError("sessions need the back end (pose_graph=true)")
         with self._gate_lock:
             self._request_reset_locked()
         with self._work_lock:

@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TEST DOUBLE instead of a model: answer windows with this TUM folder's ground truth")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="mapper parameter (same names as the ROS node), repeatable, e.g. --param window_size=8")
+    p.add_argument("--save-session", type=Path, metavar="DIR",
+                   help="also write a loadable map session (keyframes, poses, graph, descriptors, points) to DIR")
+    p.add_argument("--load-session", type=Path, metavar="DIR",
+                   help="start from a saved session: new keyframes extend it once relocalized (see --localization-only)")
+    p.add_argument("--localization-only", action="store_true",
+                   help="with --load-session: only localize in the loaded map, never extend it")
     p.add_argument("--no-progress", action="store_true", help="no progress line (it is shown only on a terminal anyway)")
 
 
@@ -106,7 +112,8 @@ def run(args) -> int:
             backbone = ModelBackbone.from_config(backbone, config.window.window_size, config.window.window_stride)
         report = run_map(source, args.out, config, backbone, backbone_info=info, overwrite=args.overwrite,
                          progress=None if args.no_progress or not sys.stderr.isatty() else sys.stderr,
-                         max_frames=args.max_frames)
+                         max_frames=args.max_frames, load_session=args.load_session,
+                         localization_only=args.localization_only, save_session=args.save_session)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"spark3r map: error: {exc}", file=sys.stderr)
         return 2
