@@ -126,6 +126,8 @@ class BackendConfig:
         4000, "confident points kept per keyframe in its own camera frame (the map cache is rebuilt from them when poses change)")
     map_update_threshold: float = param(
         0.5, "a keyframe's points are moved in the map cache when an optimisation moves them by more than this many voxels")
+    map_updates_per_window: int = param(
+        32, "keyframes re-inserted in the map cache per window after an optimisation moved them; the others follow in later windows (flush, save and save_session move all)")
     store_keyframes_in_memory: int = param(
         500, "keyframes whose image and points stay in memory; older ones are spilled to a temporary directory and read back on demand (0 = never spill)")
     loop_closure: bool = param(
@@ -148,6 +150,8 @@ class BackendConfig:
             value = getattr(self, name)
             _check(_finite(value) and value > 0, name, value, "a finite number > 0")
         _check(isinstance(self.keyframe_points, int) and self.keyframe_points >= 16, "keyframe_points", self.keyframe_points, "an integer >= 16")
+        _check(isinstance(self.map_updates_per_window, int) and self.map_updates_per_window >= 1, "map_updates_per_window",
+               self.map_updates_per_window, "an integer >= 1")
         _check(isinstance(self.store_keyframes_in_memory, int) and self.store_keyframes_in_memory >= 0, "store_keyframes_in_memory",
                self.store_keyframes_in_memory, "an integer >= 0 (0 = never spill)")
         _check(_finite(self.loop_min_score) and -1 <= self.loop_min_score <= 1, "loop_min_score", self.loop_min_score, "a number in [-1, 1] (cosine similarity)")

@@ -147,6 +147,7 @@ class MapperStats:
     last_optimisation_s: float = 0.0
     max_optimisation_s: float = 0.0
     map_cache_moves: int = 0                               # keyframes re-inserted in the voxel map after their pose changed
+    map_cache_stale: int = 0                               # keyframes whose map points still wait for their new pose
     store_keyframes: int = 0
     store_spilled: int = 0                                 # keyframes whose image and points live on disk
 
@@ -211,6 +212,8 @@ class Mapper:
         self._odom_to_map: Optional[Sim3] = None
         self._live_since_reloc = 0
         self._live_odom: "OrderedDict[int, tuple[Sim3, MappedKeyframe]]" = OrderedDict()
+        self._stale_cache: "OrderedDict[int, None]" = OrderedDict()   # keyframes whose map points lag their pose
+        self._camera_to_base_cache: tuple = (None, None)
 
     @property
     def backend_enabled(self) -> bool:
@@ -307,6 +310,7 @@ class Mapper:
         self.localization_only = False
         self._odom_to_map = None
         self._live_odom.clear()
+        self._stale_cache.clear()
         with self._read_lock:
             self._trajectory.clear()
             self._stats.map_points = 0
@@ -407,6 +411,7 @@ class Mapper:
             if result is not None:
                 results.append(result)
             elif not self.backlog:
+                self.refresh_map()
                 return results
 
     @property
@@ -630,7 +635,10 @@ class Mapper:
         elif self.localization_only and new_idx and self.config.backend.loop_closure:
             self._try_relocalization(new_idx[-1], None if pred.descriptors is None else pred.descriptors[new_idx[-1]])
             new_keyframes = [self._trajectory.get(mk.id, mk) for mk in new_keyframes]
+        if backend:
+            self._refresh_map_cache(self.config.backend.map_updates_per_window)
         with self._read_lock:
+            self._stats.map_points = len(self.voxel_map)
             self._sync_backend_stats()
         return WindowResult(self._window_index, tuple(new_keyframes), xyz, rgb, to_map.scale, residual, inlier_fraction,
                             len(shared), latency, starts_map)
@@ -645,7 +653,11 @@ class Mapper:
                          base_to_camera: Optional[np.ndarray] = None) -> MappedKeyframe:
         cam = rigid_matrix(pose)
         b2c = self.base_to_camera if base_to_camera is None else base_to_camera
-        return MappedKeyframe(kid, stamp, cam, cam @ invert_rigid(b2c), K, window_index, segment)
+        cached_b2c, camera_to_base = self._camera_to_base_cache
+        if cached_b2c is not b2c:
+            camera_to_base = invert_rigid(b2c)
+            self._camera_to_base_cache = (b2c, camera_to_base)
+        return MappedKeyframe(kid, stamp, cam, cam @ camera_to_base, K, window_index, segment)
 
     def _segment_start_transform(self, c2w: np.ndarray, depth: np.ndarray, conf: np.ndarray) -> Sim3:
         """Window -> map guess for a window that cannot be aligned: its first keyframe where the
@@ -814,12 +826,14 @@ class Mapper:
                                                     FACTOR_WINDOW))
 
     def _apply_estimates(self, estimates: dict) -> None:
-        """New graph estimates -> store, window slots, trajectory and the map cache."""
+        """New graph estimates -> store, window slots and trajectory; keyframes that moved more
+        than ``map_update_threshold`` voxels are queued for the map cache (see
+        :meth:`_refresh_map_cache`)."""
         if not estimates:
             return
         threshold = self.config.backend.map_update_threshold * self.voxel_map.voxel_size
         slots = {s.keyframe.id: s for s in self._window}
-        updated, removed, added, colours = [], [], [], []
+        updated = []
         for kid, pose in estimates.items():
             if kid not in self.store:
                 continue
@@ -828,24 +842,49 @@ class Mapper:
             if kid in slots:
                 slots[kid].pose = pose
             if f.cached_pose is not None and sim3_displacement_bound(pose, f.cached_pose, f.radius) > threshold:
-                old_xyz, rgb = self.store.map_points(kid, f.cached_pose)
-                removed.append(old_xyz)
-                added.append(self.store.map_points(kid, pose)[0])
-                colours.append(rgb)
-                f.cached_pose = pose
+                self._stale_cache[kid] = None
+            else:
+                self._stale_cache.pop(kid, None)
             updated.append(f)
-        if removed:  # one batched update of the cache: its cost is per call, not per keyframe
-            rgb = np.concatenate(colours)
-            self.voxel_map.remove(np.concatenate(removed), rgb)
-            self.voxel_map.insert(np.concatenate(added), rgb)
-            self._stats.map_cache_moves += len(removed)
         with self._read_lock:
             for f in updated:
                 old = self._trajectory.get(f.id)
                 if old is not None:
                     self._trajectory[f.id] = self._mapped_keyframe(f.id, f.stamp_ns, f.pose, old.K, old.window_index,
                                                                    self.graph.segment(f.id))
+
+    def _refresh_map_cache(self, budget: Optional[int]) -> None:
+        """Move up to ``budget`` queued keyframes' points (oldest queued first; all if None) to
+        their current poses in the voxel map, in one batched remove + insert: the cost per
+        window stays bounded however many keyframes a loop moved."""
+        if not self._stale_cache:
+            return
+        ids = list(self._stale_cache) if budget is None else list(self._stale_cache)[:budget]
+        removed, added, colours = [], [], []
+        for kid in ids:
+            del self._stale_cache[kid]
+            f = self.store[kid]
+            old_xyz, rgb = self.store.map_points(kid, f.cached_pose)
+            removed.append(old_xyz)
+            added.append(self.store.map_points(kid, f.pose)[0])
+            colours.append(rgb)
+            f.cached_pose = f.pose
+        rgb = np.concatenate(colours)
+        self.voxel_map.remove(np.concatenate(removed), rgb)
+        self.voxel_map.insert(np.concatenate(added), rgb)
+        with self._read_lock:
+            self._stats.map_cache_moves += len(ids)
             self._stats.map_points = len(self.voxel_map)
+
+    def refresh_map(self) -> None:
+        """Bring the whole voxel map up to the current poses now (``flush``, ``save`` and
+        ``save_session`` do this; during streaming it catches up a bounded amount per window)."""
+        with self._work_lock:
+            if self.backend_enabled and not self.localization_only and len(self.graph):
+                self._apply_estimates(self.graph.refresh())
+            self._refresh_map_cache(None)
+            with self._read_lock:
+                self._sync_backend_stats()
 
     def _sync_backend_stats(self) -> None:
         s = self._stats
@@ -855,6 +894,7 @@ class Mapper:
         s.max_optimisation_s = max(s.max_optimisation_s, s.last_optimisation_s)
         s.store_keyframes = len(self.store)
         s.store_spilled = self.store.spilled
+        s.map_cache_stale = len(self._stale_cache)
 
     # ------------------------------------------------------------------ back end: loops
 
@@ -901,7 +941,11 @@ class Mapper:
             self.graph.add_between(FactorRecord(match.keyframe_id, query_id, check.relative, sigmas, FACTOR_LOOP))
             if merging:
                 self.graph.merge_segments(match.keyframe_id, query_id)
-            self._apply_estimates(self.graph.optimise_all() if merging else self.graph.update_after_loop())
+            if merging:
+                self._apply_estimates(self.graph.optimise_all())
+            else:  # the loop bends the graph between its ends; older nodes follow at refresh_map
+                span = range(max(0, self.store.index_of(match.keyframe_id) - self.config.window.window_size), len(self.store))
+                self._apply_estimates(self.graph.update_after_loop(self.store.id_at(i) for i in span))
             self._last_loop_index = q_index
             with self._read_lock:
                 self._stats.loops_accepted += 1
@@ -1005,6 +1049,7 @@ class Mapper:
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        self.refresh_map()
         xyz, rgb = self.voxel_map.points()
         traj = self.trajectory
         stamps = np.array([k.stamp_ns for k in traj], dtype=np.int64)
@@ -1022,6 +1067,7 @@ class Mapper:
         with self._work_lock:
             if not self.backend_enabled:
                 raise ValueError("sessions need the back end (pose_graph=true): without it no keyframe is stored")
+            self.refresh_map()
             return write_session(directory, self.store, self.graph, self.config, self._window_index)
 
     def load_session(self, directory, localization_only: bool = False) -> int:

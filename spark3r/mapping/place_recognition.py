@@ -60,12 +60,15 @@ class PlaceMatch:
 
 
 def search_places(query: np.ndarray, ids: np.ndarray, descriptors: np.ndarray, allowed: Optional[np.ndarray] = None,
-                  min_score: float = 0.0, top_k: int = 3, suppress_radius: int = 2) -> list[PlaceMatch]:
+                  min_score: float = 0.0, top_k: int = 3, suppress_radius: int = 2,
+                  tie_tolerance: float = 0.02) -> list[PlaceMatch]:
     """The best ``top_k`` stored keyframes for ``query`` with a score >= ``min_score``.
 
     ``ids [M]``/``descriptors [M, D]``: the store's (oldest first); ``allowed [M]`` bool masks the
     rows that may match (e.g. not the recent keyframes). Matches closer than ``suppress_radius``
     rows to a better match are dropped (neighbouring keyframes of one place are one candidate).
+    Scores within ``tie_tolerance`` count as equal and the newer keyframe wins: a place seen on
+    several earlier visits is linked to the latest one (a short loop, cheap to optimise).
     Cost: one matrix-vector product over the store.
     """
     if len(ids) == 0:
@@ -78,7 +81,8 @@ def search_places(query: np.ndarray, ids: np.ndarray, descriptors: np.ndarray, a
     if allowed is not None:
         ok &= allowed
     rows = np.flatnonzero(ok)
-    rows = rows[np.argsort(-scores[rows], kind="stable")]
+    bins = np.floor(scores[rows] / tie_tolerance) if tie_tolerance > 0 else scores[rows]
+    rows = rows[np.lexsort((-rows, -bins))]
     picked: list[int] = []
     for r in rows:
         if all(abs(int(r) - p) > suppress_radius for p in picked):

@@ -178,18 +178,31 @@ class PoseGraph:
         self._pending_graph = gtsam.NonlinearFactorGraph()
         self._pending_values = gtsam.Values()
 
-    def update_after_loop(self, iterations: int = 4) -> dict[int, Sim3]:
+    def update_after_loop(self, keys: Optional[Iterable[int]] = None, iterations: int = 4) -> dict[int, Sim3]:
         """Incremental step with a new loop factor: iSAM2 re-eliminates only the part of the
         Bayes tree between the loop's ends; a few extra iterations let its relinearisation
-        follow a large correction. Returns every node's estimate (a loop can move them all)."""
+        follow a large correction. Returns the new estimates of ``keys`` (the nodes the loop
+        spans; None = all); the others are read back by :meth:`refresh`."""
         t0 = time.perf_counter()
         self.update()
         for _ in range(iterations):
             self._isam.update()
-        values = self._isam.calculateEstimate()
-        self._values = {k: from_gtsam(values.atSimilarity3(k)) for k in self._values}
+        estimate = self._read(keys)
         self.last_optimisation_s = time.perf_counter() - t0
-        return dict(self._values)
+        return estimate
+
+    def refresh(self) -> dict[int, Sim3]:
+        """Every node's current estimate (O(nodes); for the end of a run or a save)."""
+        return self._read(None)
+
+    def _read(self, keys: Optional[Iterable[int]]) -> dict[int, Sim3]:
+        if keys is None:
+            values = self._isam.calculateEstimate()
+            estimate = {k: from_gtsam(values.atSimilarity3(k)) for k in self._values}
+        else:
+            estimate = {int(k): from_gtsam(self._isam.calculateEstimateSimilarity3(int(k))) for k in keys if k in self._values}
+        self._values.update(estimate)
+        return estimate
 
     def optimise_all(self, max_iterations: int = 50) -> dict[int, Sim3]:
         """Batch Levenberg-Marquardt over the whole graph (after a loop or a segment merge), then
