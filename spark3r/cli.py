@@ -11,8 +11,8 @@ import sys
 from typing import Optional, Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("spark3r.accel.bench_cli", "compare token-reduction methods: time, FLOPs, memory, fidelity (JSON)"),
-    "calibrate": ("spark3r.accel.calibrate", "measure per-layer sensitivity and write a K/V schedule file"),
+    "bench": ("spark3r.bench.cli", "compare token-reduction methods: time, FLOPs, memory, fidelity (JSON)"),
+    "calibrate": ("spark3r.bench.calibrate", "measure per-layer sensitivity and write a K/V schedule file"),
     "map": ("spark3r.offline.cli", "map a bag / TUM folder / image folder / video offline with the node's mapper"),
     "eval": ("spark3r.eval.cli", "ATE/RPE, depth and cloud metrics of a map output against ground truth"),
 }

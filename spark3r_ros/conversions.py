@@ -6,6 +6,7 @@
   0x00RRGGBB at offset 12 (the PCL/RViz convention), built and read with whole-array numpy ops.
 * TF: rigid 4x4 <-> ``TransformStamped`` / ``Pose``; a similarity's scale can never go into TF.
 * ``CameraInfo`` -> :class:`CameraIntrinsics` with validation.
+* Output records of :mod:`spark3r.mapping.outputs` (TF, Odometry, Path, clouds) -> messages.
 * Time: ``builtin_interfaces/Time`` <-> int nanoseconds, exact; stamps never pass through a float.
 
 Every function that takes a ``stamp`` accepts a ``builtin_interfaces/Time``, an ``int`` of
@@ -18,7 +19,8 @@ from typing import Optional
 
 import numpy as np
 from builtin_interfaces.msg import Time
-from geometry_msgs.msg import Pose, TransformStamped
+from geometry_msgs.msg import Pose, PoseStamped, TransformStamped
+from nav_msgs.msg import Odometry, Path
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 
 from spark3r.data import cloud_layout, image_codec
@@ -374,3 +376,53 @@ def camera_info_to_intrinsics(msg: CameraInfo) -> CameraIntrinsics:
             f"unknown distortion model {model!r} with non-zero coefficients; expected one of {sorted(_DISTORTION_COEFFS)}"
         )
     return CameraIntrinsics(K=K, distortion_model=model, D=D, width=width, height=height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output records (spark3r.mapping.outputs) -> messages
+
+
+def transform_record_to_msg(record) -> TransformStamped:
+    return matrix_to_transform(record.T, record.stamp_ns, record.parent, record.child)
+
+
+def odometry_record_to_msg(record) -> Odometry:
+    msg = Odometry()
+    _set_header(msg, record.stamp_ns, record.frame_id)
+    msg.child_frame_id = record.child_frame_id
+    msg.pose.pose = matrix_to_pose(record.pose)
+    twist = msg.twist.twist
+    twist.linear.x, twist.linear.y, twist.linear.z = (float(v) for v in record.linear)
+    twist.angular.x, twist.angular.y, twist.angular.z = (float(v) for v in record.angular)
+    return msg
+
+
+def cloud_record_to_msg(record) -> PointCloud2:
+    return cloud_to_msg(record.xyz, record.rgb, record.stamp_ns, record.frame_id)
+
+
+def pose_record_to_msg(record) -> PoseStamped:
+    msg = PoseStamped()
+    _set_header(msg, record.stamp_ns, record.frame_id)
+    msg.pose = matrix_to_pose(record.pose)
+    return msg
+
+
+class PathConverter:
+    """Path records -> ``nav_msgs/Path``, converting each pose once: the whole path (up to
+    ``path_max_size`` poses) is re-published after every window, and a conversion costs ~0.1 ms."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[object, PoseStamped]] = {}  # id(record) -> (record, msg)
+
+    def __call__(self, record) -> Path:
+        cache = {}
+        for pose in record.poses:
+            hit = self._cache.get(id(pose))
+            # Holding the record keeps its id from being reused while it is cached.
+            cache[id(pose)] = hit if hit is not None and hit[0] is pose else (pose, pose_record_to_msg(pose))
+        self._cache = cache
+        msg = Path()
+        _set_header(msg, record.stamp_ns, record.frame_id)
+        msg.poses = [cache[id(pose)][1] for pose in record.poses]
+        return msg

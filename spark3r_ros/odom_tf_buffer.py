@@ -16,9 +16,7 @@ from typing import Optional
 import numpy as np
 from scipy.spatial.transform import Rotation, Slerp
 
-
-def _frame(name: str) -> str:
-    return name[1:] if name.startswith("/") else name
+from spark3r.mapping.tf_tree import frame_id as _frame
 
 
 class OdomTfBuffer:

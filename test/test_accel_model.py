@@ -6,7 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from spark3r.accel import KVSchedule, TokenLayout, apply, build_op, remove
-from spark3r.accel.flops import dense_attention_flops, global_attention_flops, model_flops, model_geometry
+from spark3r.accel.spark3r import spark3r_overhead_flops, spark3r_sizes
+from spark3r.bench.flops import dense_attention_flops, global_attention_flops, model_flops, model_geometry
 from spark3r.models import build_model
 from spark3r.seeded import load_seeded_v1
 
@@ -99,8 +100,11 @@ def test_reduced_flops_count_the_attention_the_op_runs(model):
     report = global_attention_flops(op, geo)
     expected = 0
     for lay in geo.layouts:
-        nq, nk = op.reduced_sizes(lay)
-        expected += 4 * geo.heads * nq * nk * geo.head_dim + op.overhead_flops(lay, geo.heads, geo.head_dim)
+        nq, nk = spark3r_sizes(lay, op.config, op.budget(lay))
+        expected += 4 * geo.heads * nq * nk * geo.head_dim
+        expected += spark3r_overhead_flops(lay, op.config, op.budget(lay), geo.heads, geo.head_dim)
+        cost = op.attention_flops(lay, geo.heads, geo.head_dim)
+        assert (cost.queries, cost.keys) == (nq, nk) and nk < lay.num_tokens
     assert report["total"] == expected
     assert report["overhead"] > 0 and report["total"] < global_attention_flops(None, geo)["total"]
 

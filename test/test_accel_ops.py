@@ -183,7 +183,8 @@ def test_spark3r_op_sizes_match_closed_form_and_batch_is_independent():
         op(q, k, v, LAYOUT)
     finally:
         mod.attention_with_extra_keys = orig
-    assert seen["shape"] == op.reduced_sizes(LAYOUT)
+    cost = op.attention_flops(LAYOUT, q.shape[1], q.shape[3])
+    assert seen["shape"] == (cost.queries, cost.keys)
 
 
 def test_camera_queries_see_all_keys_when_dense_queries_is_set():

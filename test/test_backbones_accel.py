@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from spark3r import accel
-from spark3r.accel.bench import config_from_preset, run_bench
-from spark3r.accel.calibrate import CalibrateConfig, calibrate
-from spark3r.accel.flops import model_flops
+from spark3r.bench.runner import config_from_preset, run_bench
+from spark3r.bench.calibrate import CalibrateConfig, calibrate
+from spark3r.bench.flops import model_flops
 from spark3r.accel.schedule import default_schedule
 from spark3r.models import build_model
 

@@ -8,9 +8,9 @@ import torch
 
 from spark3r.data.synthetic import render_sequence
 from spark3r.mapping import BackboneConfig, Frame, KeyframeConfig, MapConfig, Mapper, MapperConfig, WindowConfig
-from spark3r.mapping.model_backbone import (
-    DECODERS, ModelBackbone, NetworkGeometry, decode_da3, decode_pi3, focal_from_local_points,
-)
+from spark3r.mapping.model_backbone import ModelBackbone, NetworkGeometry, to_prediction
+from spark3r.models import build_model
+from spark3r.models.pi3 import focal_from_local_points
 
 WIDTH = 126
 GEOMETRY = NetworkGeometry((96, 128), (98, 126), (0.0, 0.0, 128.0, 96.0), 98)
@@ -45,8 +45,9 @@ def test_focal_fit_recovers_a_pinhole_point_map():
     depth = rng.uniform(1.0, 5.0, size=(2, 98, 126))
     points = np.stack([pinhole_points(depth[0], 90.0, 98, 126), pinhole_points(depth[1], 140.0, 98, 126)])
     points[1, :10, :, 2] = -1.0  # behind the camera: ignored
-    np.testing.assert_allclose(focal_from_local_points(points, np.ones((2, 98, 126))), [90.0, 140.0], rtol=1e-9)
-    assert np.isnan(focal_from_local_points(points, np.zeros((2, 98, 126)))).all()
+    points = torch.tensor(points)
+    np.testing.assert_allclose(focal_from_local_points(points, torch.ones(2, 98, 126)).numpy(), [90.0, 140.0], rtol=1e-9)
+    assert torch.isnan(focal_from_local_points(points, torch.zeros(2, 98, 126))).all()
 
 
 def test_pi3_decoder_gives_c2w_depth_conf_and_fitted_intrinsics():
@@ -60,7 +61,7 @@ def test_pi3_decoder_gives_c2w_depth_conf_and_fitted_intrinsics():
     logits[0, 0, 0, 0, 0] = 500.0  # would overflow exp in float32
     out = {"camera_poses": torch.tensor(c2w[None]).float(), "local_points": torch.tensor(local[None]).float(),
            "conf": torch.tensor(logits).float()}
-    pred = decode_pi3(out, GEOMETRY)
+    pred = to_prediction(build_model("pi3-tiny", device="meta").decode(out, GEOMETRY.network_hw), GEOMETRY)
     assert pred.shape_problem(3) is None and pred.finite_frames().all()
     np.testing.assert_allclose(pred.c2w, c2w, atol=1e-6)
     np.testing.assert_allclose(pred.depth, depth, rtol=1e-6)
@@ -68,7 +69,6 @@ def test_pi3_decoder_gives_c2w_depth_conf_and_fitted_intrinsics():
     assert np.argsort(pred.conf.ravel())[-1] == 0  # monotone in the logits
     # Network focal 100 px on a 126-px-wide input that shows 128 image pixels.
     np.testing.assert_allclose(pred.K[:, 0, 0], 100.0 * 128 / 126, rtol=1e-4)
-    assert "pi3" in DECODERS and "da3" in DECODERS
 
 
 def test_da3_decoder_inverts_world_to_camera_extrinsics():
@@ -78,7 +78,7 @@ def test_da3_decoder_inverts_world_to_camera_extrinsics():
     K = np.array([[80.0, 0, 63.0], [0, 70.0, 49.0], [0, 0, 1]])
     out = {"extrinsics": torch.tensor(w2c[None]).float(), "intrinsics": torch.tensor(np.repeat(K[None, None], 2, 1)).float(),
            "depth": torch.ones(1, 2, 98, 126), "depth_conf": torch.full((1, 2, 98, 126), 2.0)}
-    pred = decode_da3(out, GEOMETRY)
+    pred = to_prediction(build_model("da3-small", device="meta").decode(out, GEOMETRY.network_hw), GEOMETRY)
     assert pred.shape_problem(2) is None and pred.finite_frames().all()
     for c2w, e in zip(pred.c2w, w2c):
         np.testing.assert_allclose(c2w[:3, :3] @ e[:, :3], np.eye(3), atol=1e-5)
@@ -91,7 +91,7 @@ def test_da3_decoder_inverts_world_to_camera_extrinsics():
 def test_mapper_maps_the_synthetic_stream(seq, backbone, reduction):
     bb = ModelBackbone.from_config(BackboneConfig(backbone=backbone, checkpoint="seeded", image_width=WIDTH,
                                                   reduction=reduction), 6, 3)
-    assert bb.family == backbone.split("-")[0]
+    assert bb.model.preset == backbone
     handle = getattr(bb.model, "accel_handle", None)
     assert handle is None if reduction == "dense" else handle.method == reduction
     cfg = MapperConfig(keyframe=KeyframeConfig(min_parallax_px=0.0, min_time_gap_s=0.0),

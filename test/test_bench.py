@@ -6,7 +6,7 @@ import json
 import pytest
 
 from spark3r.accel import native
-from spark3r.accel.bench import BenchConfig, run_bench
+from spark3r.bench.runner import BenchConfig, run_bench
 from spark3r.accel.schedule import load_schedule
 from spark3r.cli import main
 

@@ -198,7 +198,7 @@ def test_evaluate_tum_files_writes_json_and_plots(tmp_path):
 
 
 def test_stream_bench_cache_matches_naive_dense_and_reports_per_keyframe_cost():
-    from spark3r.eval.stream_bench import StreamBenchConfig, run_stream_bench
+    from spark3r.bench.stream import StreamBenchConfig, run_stream_bench
 
     cfg = StreamBenchConfig(window=4, stride=2, windows=2, methods=("dense", "uniform"), image_hw=(48, 64),
                             image_width=56, threads=1)

@@ -7,7 +7,7 @@ import torch
 from spark3r.data.synthetic import render_sequence
 from spark3r.mapping import BackboneConfig, Frame, KeyframeConfig, MapConfig, Mapper, MapperConfig, WindowConfig
 from spark3r.mapping.frames import Keyframe
-from spark3r.mapping.model_backbone import ModelBackbone, NetworkGeometry, decode_vggt, network_geometry, preprocess
+from spark3r.mapping.model_backbone import ModelBackbone, NetworkGeometry, network_geometry, preprocess, to_prediction
 from spark3r.models import build_model
 from spark3r.models.camera import extrinsics_intrinsics_to_pose_encoding
 from spark3r.seeded import load_seeded_v1, seeded_v1
@@ -74,7 +74,7 @@ def test_decoder_maps_intrinsics_and_poses_back_to_image_pixels():
     K_net = np.array([[80.0, 0, 63.0], [0, 70.0, 49.0], [0, 0, 1]])
     enc = extrinsics_intrinsics_to_pose_encoding(torch.tensor(w2c), torch.tensor(np.repeat(K_net[None], S, 0)), (98, 126))
     out = {"pose_enc": enc[None].float(), "depth": torch.ones(1, S, 98, 126, 1), "depth_conf": torch.full((1, S, 98, 126), 2.0)}
-    pred = decode_vggt(out, geometry)
+    pred = to_prediction(build_model("vggt-tiny", device="meta").decode(out, geometry.network_hw), geometry)
     assert pred.shape_problem(S) is None and pred.finite_frames().all()
     for c2w, e in zip(pred.c2w, w2c):
         np.testing.assert_allclose(c2w[:3, :3] @ e[:, :3], np.eye(3), atol=1e-5)
@@ -133,7 +133,7 @@ def test_mapper_results_do_not_depend_on_the_cache(seq, model):
 def test_from_config_builds_seeded_models_and_refuses_bad_settings(seq):
     bb = ModelBackbone.from_config(BackboneConfig(backbone="vggt-tiny", checkpoint="seeded", image_width=WIDTH,
                                                   reduction="uniform", reduction_params={"ratio": 0.5}), 6, 3)
-    assert bb.family == "vggt" and bb.cache.max_frames == 9
+    assert bb.model.preset == "vggt-tiny" and bb.cache.max_frames == 9
     assert bb.model.accel_handle.method == "uniform"
     name = "camera_head.pose_branch.fc2.weight"
     torch.testing.assert_close(bb.model.state_dict()[name], seeded_v1(name, (9, 384)), rtol=0, atol=0)

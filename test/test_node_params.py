@@ -212,5 +212,35 @@ def test_readme_parameter_table_lists_every_parameter():
 
     readme = (REPO / "README.md").read_text()
     section = readme.split("### Parameters", 1)[1].split("\n### ", 1)[0]
-    names = re.findall(r"^\| `([a-z_0-9]+)` \|", section, flags=re.MULTILINE)
+    names = re.findall(r"^\| `([a-z_0-9.]+)` \|", section, flags=re.MULTILINE)
     assert len(names) == len(set(names)) and set(names) == set(all_parameter_docs())
+
+
+def test_reduction_parameters_are_declared_and_reach_the_model(ros_context):
+    """reduction.<name> parameters come from the method's config dataclass and reach accel.apply."""
+    pytest.importorskip("torch")
+    node = make_node(ros_context)
+    try:
+        descriptor = node.describe_parameter("reduction.query_keep")
+        assert descriptor.description and descriptor.read_only
+        assert node.get_parameter("reduction.query_group").value == [2, 2]
+        assert node.backbone_config.reduction_params == {}
+    finally:
+        destroy(node)
+    base = dict(backbone="vggt-tiny", checkpoint="seeded", image_width=56, reduction="spark3r")
+    node = MappingNode(context=ros_context, use_global_arguments=False, parameter_overrides=[
+        Parameter(k, value=v) for k, v in dict(base, **{"reduction.query_keep": 1}).items()])
+    try:
+        assert node.backbone_error == ""
+        assert node.mapper.backbone.model.accel_handle.op.config.query_keep == 1
+    finally:
+        destroy(node)
+    with pytest.raises(ValueError, match="reduction.query_keep=1 is set but reduction='dense'"):
+        make_node(ros_context, **{"reduction.query_keep": 1})
+
+
+def test_yaml_and_readme_table_are_generated_from_the_config_dataclasses():
+    from spark3r_ros.parameters import mapping_yaml, readme_table
+
+    assert YAML_PATH.read_text() == mapping_yaml(NODE_NAME), "regenerate: python -m spark3r_ros.parameters yaml"
+    assert readme_table() in (REPO / "README.md").read_text(), "regenerate: python -m spark3r_ros.parameters table"

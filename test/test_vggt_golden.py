@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from golden_utils import load_case, mismatch_report, seeded_v1, tensor_digest
-from spark3r.accel.layout import TokenLayout
+from spark3r.models.layers.layout import TokenLayout
 from spark3r.models import build_model, load_weights
 
 OUTPUT_KEYS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .dense import DenseConfig, DenseOp
+from .op import AttentionOp
 from .schedule import resolve_schedule
 from .spark3r import Spark3RConfig, Spark3ROp
 from .uniform import UniformConfig, UniformOp
@@ -22,8 +23,8 @@ from .uniform import UniformConfig, UniformOp
 @dataclass(frozen=True)
 class MethodSpec:
     config_cls: type
-    # (config, num_layers, backbone) -> op with is_identity(layer), reduced_sizes(layout), overhead_flops(...)
-    make_op: Callable[[Any, int, Optional[str]], Any]
+    # (config, num_layers, backbone preset) -> an AttentionOp (spark3r.accel.op)
+    make_op: Callable[[Any, int, Optional[str]], AttentionOp]
 
 
 def _make_spark3r(config: Spark3RConfig, num_layers: int, backbone: Optional[str]) -> Spark3ROp:
@@ -38,7 +39,8 @@ METHODS: dict[str, MethodSpec] = {
 
 
 def register_method(name: str, config_cls: type, make_op: Callable[[Any, int, Optional[str]], Any]) -> None:
-    """Add a method (e.g. ``speed3r``) to the registry."""
+    """Add a method (e.g. ``speed3r``) to the registry: its config dataclass (fields = its
+    parameters) and ``make_op(config, num_layers, backbone) -> AttentionOp``."""
     if name in METHODS:
         raise ValueError(f"reduction method {name!r} is already registered")
     METHODS[name] = MethodSpec(config_cls, make_op)
@@ -56,10 +58,14 @@ def make_config(method: str, **params):
     return cls(**params)
 
 
-def build_op(method: str, num_layers: int, backbone: Optional[str] = None, **params):
+def build_op(method: str, num_layers: int, backbone: Optional[str] = None, **params) -> AttentionOp:
     """The op object for a method without a model (op-level benchmarks, calibration)."""
     config = make_config(method, **params)
-    return METHODS[method].make_op(config, num_layers, backbone)
+    op = METHODS[method].make_op(config, num_layers, backbone)
+    if not isinstance(op, AttentionOp):
+        raise TypeError(f"method {method!r} built a {type(op).__name__}, which is not an AttentionOp "
+                        f"(config, is_identity, attention_flops and __call__ are needed; see spark3r.accel.op)")
+    return op
 
 
 @dataclass

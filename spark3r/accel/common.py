@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .layout import TokenLayout
+from spark3r.models.layers.layout import TokenLayout
 
 
 def exact_attention(

@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from spark3r.models.layers.layout import TokenLayout
+
 from .common import check_qkv, exact_attention
-from .layout import TokenLayout
+from .op import AttentionCost, dense_cost
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,5 @@ class DenseOp:
         check_qkv(q, k, v, layout)
         return exact_attention(q, k, v, scale)
 
-    def reduced_sizes(self, layout: TokenLayout) -> tuple[int, int]:
-        return layout.num_tokens, layout.num_tokens
-
-    def overhead_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> int:
-        return 0
+    def attention_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> AttentionCost:
+        return dense_cost(layout, heads, head_dim, batch)

@@ -1,5 +1,5 @@
-"""Layer-adaptive key/value budgets for Spark3R: the schedule format, per-backbone defaults and
-JSON load/save.
+"""Layer-adaptive key/value budgets for Spark3R: the schedule format, the default profile (sized
+by the backbone's own global-layer count) and JSON load/save.
 
 A schedule says, for every global-attention layer, what fraction of each non-reference frame's
 patch tokens stays as keys/values (``kv_keep``). The budget shrinks when a window has more frames
@@ -139,29 +139,24 @@ def profile_keep(num_layers: int, profile: Sequence[tuple[float, float]] = _PROF
     return tuple(out)
 
 
-# Per backbone: (global layers, reference frame count). The reference count is the window size the
-# keep fractions are meant for; beyond it budgets shrink with `decay`.
-_BACKBONES = {
-    "vggt-1b": 24,
-    "vggt-tiny": 4,
-    # pi3: the odd decoder blocks (18 of 36; 2 of 4 in the tiny golden configuration).
-    "pi3": 18,
-    "pi3-tiny": 2,
-    # DA3: odd backbone blocks from alt_start (small/base 5,7,9,11; large 9..23; giant 13..39).
-    "da3-small": 4,
-    "da3-base": 4,
-    "da3-large": 8,
-    "da3-giant": 14,
-}
+def _known_preset(backbone: Optional[str]) -> bool:
+    from spark3r.models import list_presets
+
+    return backbone is not None and backbone in list_presets()
 
 
 def default_schedule(backbone: Optional[str] = None, num_layers: Optional[int] = None) -> KVSchedule:
-    """The shipped default for a backbone preset (or any layer count, from the same profile)."""
+    """The shipped default for a backbone preset (its global-layer count comes from the model
+    itself), or for any layer count, from the same profile."""
     if num_layers is None:
-        if backbone not in _BACKBONES:
-            raise ValueError(f"no default schedule for backbone {backbone!r}; known: {sorted(_BACKBONES)} "
+        if not _known_preset(backbone):
+            from spark3r.models import list_presets
+
+            raise ValueError(f"no default schedule for backbone {backbone!r}; known: {list_presets()} "
                              f"(or pass num_layers)")
-        num_layers = _BACKBONES[backbone]
+        from spark3r.models.registry import num_global_layers
+
+        num_layers = num_global_layers(backbone)
     return KVSchedule(
         kv_keep=profile_keep(num_layers), reference_frames=16, decay=0.5, min_per_frame=8, backbone=backbone,
         note="default profile: small early budget, largest in the middle (cross-view alignment), moderate at the end",
@@ -172,8 +167,7 @@ def resolve_schedule(schedule, backbone: Optional[str], num_layers: int) -> KVSc
     """A KVSchedule from None (default for the backbone), a path, a dict or a KVSchedule; checks
     that it covers ``num_layers`` global layers."""
     if schedule is None or schedule == "" or schedule == "default":
-        sched = default_schedule(backbone if backbone in _BACKBONES else None,
-                                 None if backbone in _BACKBONES else num_layers)
+        sched = default_schedule(backbone if _known_preset(backbone) else None, num_layers)
     elif isinstance(schedule, KVSchedule):
         sched = schedule
     elif isinstance(schedule, dict):

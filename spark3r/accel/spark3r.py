@@ -35,10 +35,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from spark3r.models.layers.layout import TokenLayout
+
 from . import native
 from .common import (Workspace, attention_with_extra_keys, check_qkv, exact_attention, gather_rows, layout_key,
                      row_view, static_index)
-from .layout import TokenLayout
+from .op import AttentionCost, attention_matmul_flops
 from .schedule import KVSchedule
 
 KV_SCORES = ("query_mean", "query_summary", "key_norm")
@@ -544,12 +546,13 @@ class Spark3ROp:
                              f"{layout.num_layers} global layers")
         return spark3r_attention(q, k, v, layout, self.config, self.budget(layout), scale, self.workspace)
 
-    def reduced_sizes(self, layout: TokenLayout) -> tuple[int, int]:
-        """(queries, keys) the layer's attention runs on — closed form, matches the op exactly."""
-        return spark3r_sizes(layout, self.config, self.budget(layout))
-
-    def overhead_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> int:
-        return spark3r_overhead_flops(layout, self.config, self.budget(layout), heads, head_dim, batch)
+    def attention_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> AttentionCost:
+        """Attention of the merged queries over the kept keys (+ compensation tokens) — the sizes
+        are closed form and match the op exactly — plus the op's own overhead."""
+        budget = self.budget(layout)
+        nq, nk = spark3r_sizes(layout, self.config, budget)
+        return AttentionCost(attention_matmul_flops(nq, nk, heads, head_dim, batch),
+                             spark3r_overhead_flops(layout, self.config, budget, heads, head_dim, batch), nq, nk)
 
 
 def spark3r_sizes(layout: TokenLayout, config: Spark3RConfig, budget: int) -> tuple[int, int]:

@@ -20,8 +20,10 @@ from typing import Optional
 
 import torch
 
+from spark3r.models.layers.layout import TokenLayout
+
 from .common import check_qkv, exact_attention, layout_key, static_index
-from .layout import TokenLayout
+from .op import AttentionCost, attention_matmul_flops
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,8 @@ class UniformOp:
         check_qkv(q, k, v, layout)
         return uniform_attention(q, k, v, layout, self.config, scale)
 
-    def reduced_sizes(self, layout: TokenLayout) -> tuple[int, int]:
+    def attention_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> AttentionCost:
+        """Dense attention over the merged tokens (queries = keys) plus the matching and merging."""
         m = uniform_sizes(layout, self.config)
-        return m, m
-
-    def overhead_flops(self, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> int:
-        return uniform_overhead_flops(layout, self.config, heads, head_dim, batch)
+        return AttentionCost(attention_matmul_flops(m, m, heads, head_dim, batch),
+                             uniform_overhead_flops(layout, self.config, heads, head_dim, batch), m, m)

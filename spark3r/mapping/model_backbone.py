@@ -1,24 +1,27 @@
 """A real reconstruction model as a mapper :class:`~spark3r.mapping.backbone.Backbone`.
 
 ``ModelBackbone`` = model (preset + weights) + token reduction + preprocessing + a patch-embedding
-cache + a decoder that turns the model family's outputs into the mapper's one convention.
-
-Model families: ``vggt``, ``pi3``, ``da3`` (the preset's prefix, ``"da3-small"`` -> ``"da3"``);
-each has a ``decode_<family>(outputs, geometry) -> Prediction`` registered with
-``register_decoder``. Nothing else in the mapper depends on the family.
+cache. The model's own :meth:`~spark3r.models.base.BackboneModel.decode` turns its outputs into
+the one convention (c2w OpenCV, intrinsics in network pixels, depth, confidence); this module
+only maps network pixels back to keyframe-image pixels. Nothing here depends on which backbone
+it is.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..models.base import BackboneOutputs
 from .backbone import Prediction
 from .config import BackboneConfig
 from .frames import Keyframe
+
+# What the mapper asks every backbone for (each backbone maps "depth" onto its own heads).
+MAPPING_HEADS = ("camera", "depth")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,111 +81,19 @@ def preprocess(image: np.ndarray, geometry: NetworkGeometry) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoders: model outputs -> Prediction (c2w OpenCV, K in image pixels, depth, conf).
-
-Decoder = Callable[[dict, NetworkGeometry], Prediction]
-DECODERS: dict[str, Decoder] = {}
-
-
-def register_decoder(family: str, decoder: Decoder) -> None:
-    if family in DECODERS:
-        raise ValueError(f"a decoder for model family {family!r} is already registered")
-    DECODERS[family] = decoder
-
-
-def decode_vggt(outputs: dict, geometry: NetworkGeometry) -> Prediction:
-    """VGGT: ``pose_enc`` (camera-from-world, OpenCV, FoV) + ``depth``/``depth_conf`` heads."""
-    from ..models.camera import pose_encoding_to_extrinsics_intrinsics
-
-    pose_enc = outputs["pose_enc"][0].detach().to(torch.float64).cpu()
-    w2c, K_net = pose_encoding_to_extrinsics_intrinsics(pose_enc, geometry.network_hw)
-    w2c = w2c.numpy()
-    S = w2c.shape[0]
-    R_t = np.swapaxes(w2c[:, :, :3], 1, 2)
-    c2w = np.tile(np.eye(4), (S, 1, 1))
-    c2w[:, :3, :3] = R_t
-    c2w[:, :3, 3] = -np.einsum("sij,sj->si", R_t, w2c[:, :, 3])
-    depth = outputs["depth"][0, ..., 0].detach().float().cpu().numpy()
-    conf = outputs["depth_conf"][0].detach().float().cpu().numpy()
-    K = geometry.network_to_image_K(K_net.numpy())
-    return Prediction(c2w=c2w, K=K, depth=depth, conf=conf, depth_box=geometry.box)
-
-
-register_decoder("vggt", decode_vggt)
-
-
-def _c2w_from_w2c(w2c: np.ndarray) -> np.ndarray:
-    """``[S, 3, 4]`` camera-from-world -> ``[S, 4, 4]`` camera-to-world."""
-    R_t = np.swapaxes(w2c[:, :, :3], 1, 2)
-    c2w = np.tile(np.eye(4), (w2c.shape[0], 1, 1))
-    c2w[:, :3, :3] = R_t
-    c2w[:, :3, 3] = -np.einsum("sij,sj->si", R_t, w2c[:, :, 3])
-    return c2w
-
-
-def focal_from_local_points(local_points: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Per frame, the focal length (pixels, one for both axes) that best explains a camera-frame
-    point map ``[S, h, w, 3]`` under a pinhole with the principal point at the image centre
-    (the convention of the other backbones' intrinsics): weighted least squares of
-    ``f * (x/z, y/z) = (u - w/2, v - h/2)`` over pixels in front of the camera. NaN when a frame
-    has no usable pixel."""
-    S, h, w, _ = local_points.shape
-    v, u = np.meshgrid(np.arange(h, dtype=np.float64) - h / 2, np.arange(w, dtype=np.float64) - w / 2, indexing="ij")
-    z = local_points[..., 2]
-    ok = np.isfinite(local_points).all(axis=-1) & (z > 1e-12) & np.isfinite(weights) & (weights > 0)
-    safe_z = np.where(ok, z, 1.0)
-    a = np.where(ok, local_points[..., 0] / safe_z, 0.0)
-    b = np.where(ok, local_points[..., 1] / safe_z, 0.0)
-    wt = np.where(ok, weights, 0.0)
-    num = (wt * (a * u + b * v)).sum(axis=(1, 2))
-    den = (wt * (a * a + b * b)).sum(axis=(1, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        focal = num / den
-    return np.where(den > 0, focal, np.nan)
-
-
-def decode_pi3(outputs: dict, geometry: NetworkGeometry) -> Prediction:
-    """π3: ``camera_poses`` (camera-to-world, OpenCV, in an arbitrary frame per window — the
-    mapper's alignment absorbs it), depth = z of ``local_points``, confidence ``1 + exp(conf)``
-    (the raw logits mapped to the ``>= 1`` scale of the VGGT/DA3 heads, so ``conf_min`` means the
-    same for every backbone). π3 predicts no intrinsics: the focal length is fitted to the local
-    point map (:func:`focal_from_local_points`); camera_info's K replaces it when configured."""
-    c2w = outputs["camera_poses"][0].detach().to(torch.float64).cpu().numpy()
-    local = outputs["local_points"][0].detach().to(torch.float64).cpu().numpy()
-    logits = outputs["conf"][0, ..., 0].detach().to(torch.float64).cpu().numpy()
-    # exp overflows float32 beyond ~88; such pixels are certain anyway.
-    conf = 1.0 + np.exp(np.clip(logits, -60.0, 60.0))
-    focal = focal_from_local_points(local, 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0))))
-    h, w = geometry.network_hw
-    K_net = np.zeros((len(c2w), 3, 3))
-    K_net[:, 0, 0] = K_net[:, 1, 1] = focal
-    K_net[:, 0, 2], K_net[:, 1, 2], K_net[:, 2, 2] = w / 2, h / 2, 1.0
-    return Prediction(c2w=c2w, K=geometry.network_to_image_K(K_net), depth=local[..., 2].astype(np.float32),
-                      conf=conf.astype(np.float32), depth_box=geometry.box)
-
-
-def decode_da3(outputs: dict, geometry: NetworkGeometry) -> Prediction:
-    """Depth-Anything-3: ``extrinsics`` (world-to-camera 3x4, OpenCV; world = the reference
-    view's camera), ``intrinsics`` in network pixels, ``depth`` / ``depth_conf`` [S, h, w]."""
-    w2c = outputs["extrinsics"][0].detach().to(torch.float64).cpu().numpy()
-    K_net = outputs["intrinsics"][0].detach().to(torch.float64).cpu().numpy()
-    depth = outputs["depth"][0].detach().float().cpu().numpy()
-    conf = outputs["depth_conf"][0].detach().float().cpu().numpy()
-    return Prediction(c2w=_c2w_from_w2c(w2c), K=geometry.network_to_image_K(K_net), depth=depth, conf=conf,
-                      depth_box=geometry.box)
-
-
-register_decoder("pi3", decode_pi3)
-register_decoder("da3", decode_da3)
-
-
-def model_family(model) -> str:
-    preset = getattr(model, "preset", None) or type(model).__name__
-    return str(preset).lower().split("-")[0]
-
-
-# ---------------------------------------------------------------------------------------------
+def to_prediction(decoded: BackboneOutputs, geometry: NetworkGeometry) -> Prediction:
+    """A backbone's decoded outputs (batch of one window) -> the mapper's :class:`Prediction`,
+    with intrinsics mapped from network pixels to keyframe-image pixels."""
+    missing = [name for name in ("c2w", "intrinsics", "depth", "conf") if getattr(decoded, name) is None]
+    if missing:
+        raise ValueError(f"the backbone's decoded outputs lack {missing}; the mapper needs heads {MAPPING_HEADS}")
+    return Prediction(
+        c2w=decoded.c2w[0].cpu().numpy(),
+        K=geometry.network_to_image_K(decoded.intrinsics[0].cpu().numpy()),
+        depth=decoded.depth[0].cpu().numpy(),
+        conf=decoded.conf[0].cpu().numpy(),
+        depth_box=geometry.box,
+    )
 
 
 class PatchCache:
@@ -226,18 +137,18 @@ class PatchCache:
 class ModelBackbone:
     """Backbone around a spark3r model (see :meth:`from_config` for the production path).
 
-    ``model``: a built model with ``encode_patches`` and ``forward(images, patch_tokens=...)``.
+    ``model``: a built :class:`~spark3r.models.base.BackboneModel` (``encode_patches``,
+    ``forward(images, patch_tokens=..., heads=...)``, ``decode``).
     ``image_width``: network input width (multiple of the patch size). ``cache_max_frames``:
     patch-embedding cache capacity (0 disables the cache). ``device``: where inputs go (default:
     the model's). The model's own dtype is used for its blocks; heads decide their own precision.
     """
 
-    def __init__(self, model, *, image_width: int = 518, cache_max_frames: int = 24, device=None,
-                 family: Optional[str] = None):
+    def __init__(self, model, *, image_width: int = 518, cache_max_frames: int = 24, device=None):
+        if not callable(getattr(model, "decode", None)) or not callable(getattr(model, "encode_patches", None)):
+            raise TypeError(f"{type(model).__name__} is not a spark3r backbone (spark3r.models.base.BackboneModel: "
+                            f"encode_patches and decode are needed)")
         self.model = model.eval()
-        self.family = family or model_family(model)
-        if self.family not in DECODERS:
-            raise ValueError(f"no decoder registered for model family {self.family!r}; known: {sorted(DECODERS)}")
         self.patch_size = int(getattr(getattr(model, "config", None), "patch_size", 14))
         if image_width < 2 * self.patch_size or image_width % self.patch_size:
             raise ValueError(f"image_width must be a multiple of {self.patch_size} and >= {2 * self.patch_size}, got {image_width}")
@@ -268,7 +179,7 @@ class ModelBackbone:
         if config.checkpoint == "":
             raise ValueError("checkpoint is empty: give a weights file, directory or hub id "
                              "(or 'seeded' for deterministic test weights)")
-        lean = inference_overrides(config.backbone, outputs=("camera", "depth"))
+        lean = inference_overrides(config.backbone, outputs=MAPPING_HEADS)
         model = load_pretrained(config.backbone, config.checkpoint, device=device, dtype=dtype, **lean)
         if config.reduction != "dense" or config.reduction_params:
             accel.apply(model, config.reduction, **config.reduction_params)
@@ -286,8 +197,9 @@ class ModelBackbone:
         geometry = network_geometry(next(iter(shapes)), self.image_width)
         images, tokens = self._inputs(window, geometry)
         with torch.inference_mode():
-            outputs = self.model(images[None], patch_tokens=tokens[None], heads=("camera", "depth"))
-        return DECODERS[self.family](outputs, geometry)
+            outputs = self.model(images[None], patch_tokens=tokens[None], heads=MAPPING_HEADS)
+            decoded = self.model.decode(outputs, geometry.network_hw)
+        return to_prediction(decoded, geometry)
 
     def forget(self, keyframe_ids) -> None:
         if self.cache is not None:

@@ -8,15 +8,23 @@ Typical use::
     model = load_pretrained(None, "/data/DA3-LARGE-1.1")   # preset from config.json model_name
 
 Presets: ``list_presets()`` (vggt-1b, vggt-tiny, pi3, pi3-tiny, da3-small/base/large/giant).
+
+Every backbone implements the contract in :mod:`.base` (:class:`BackboneModel`; its ``decode``
+gives :class:`BackboneOutputs`, one convention for all); a new one is added with
+:func:`register_preset`.
 """
+from .base import BackboneModel, BackboneOutputs
 from .checkpoints import CheckpointMismatchError, CheckpointReadError, load_pretrained, load_weights
-from .registry import build_model, list_presets
+from .registry import build_model, list_presets, register_preset
 
 __all__ = [
     "build_model",
     "load_weights",
     "load_pretrained",
     "list_presets",
+    "register_preset",
+    "BackboneModel",
+    "BackboneOutputs",
     "CheckpointMismatchError",
     "CheckpointReadError",
 ]

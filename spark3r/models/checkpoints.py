@@ -411,7 +411,7 @@ def load_pretrained(
         if source is None:
             raise ValueError(f"preset {preset!r} has no published checkpoint; pass source=<file or state dict>")
     if isinstance(source, str) and source == SEEDED:
-        from spark3r.seeded import load_seeded_v1
+        from .seeded import load_seeded_v1
 
         return load_seeded_v1(build_model(preset, **overrides)).to(device=device, dtype=dtype)
     model = build_model(preset, device="meta", **overrides)

@@ -20,17 +20,17 @@ output, current output), restored to input order -> DualDPT depth head and camer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from spark3r.accel.layout import TokenLayout
-
+from .base import BackboneModel, BackboneOutputs, ForwardInputs, camera_to_world
 from .camera import quaternion_to_matrix
 from .layers.attention import Attention
 from .layers.block import Block
 from .layers.dpt import DPTHead, FusionBlock, activate_dense, add_uv_embedding, resize_bilinear
+from .layers.layout import TokenLayout
 from .layers.mlp import Mlp
 from .layers.rope import grid_positions
 from .layers.vit import DinoViT
@@ -296,8 +296,12 @@ class DA3Net(nn.Module):
                         if cfg.enable_gs_head else None)
 
 
-class DepthAnything3(nn.Module):
+class DepthAnything3(BackboneModel):
     """DA3 multi-view depth + camera model. See :meth:`forward`."""
+
+    HEAD_NAMES = HEAD_NAMES
+    # Pose conditioning and the Gaussian-splat head are never run.
+    UNUSED_MODULES = {"enable_cam_enc": False, "enable_gs_head": False}
 
     def __init__(self, config: DA3Config = DA3Config(), preset: Optional[str] = None) -> None:
         super().__init__()
@@ -322,6 +326,12 @@ class DepthAnything3(nn.Module):
     def disabled_head_prefixes(self) -> tuple[str, ...]:
         off = {"model.cam_enc.": self.model.cam_enc, "model.gs_head.": self.model.gs_head}
         return tuple(k for k, v in off.items() if v is None)
+
+    def weight_dtype(self) -> torch.dtype:
+        return self.vit.cls_token.dtype
+
+    def patch_token_shape(self, batch: int, frames: int, grid: tuple[int, int]) -> tuple[int, ...]:
+        return (batch, frames, 1 + grid[0] * grid[1], self.config.embed_dim)
 
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Per-frame tokens ``[B, S, 1 + Np, C]`` (CLS + patches) after the purely frame-local
@@ -400,44 +410,21 @@ class DepthAnything3(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        patch_tokens: Optional[torch.Tensor] = None,
-        heads: Optional[Iterable[str]] = None,
-        ref_view_strategy: Optional[str] = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run the model.
+    def forward_prepared(self, inputs: ForwardInputs, ref_view_strategy: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """Multi-view blocks and the requested heads (``forward(images, patch_tokens=...,
+        heads=..., ref_view_strategy=...)``; heads from ``("camera", "depth")``, default both).
 
-        Args:
-            images: ``[S, 3, H, W]`` or ``[B, S, 3, H, W]``, RGB in **[0, 1]** (normalised here),
-                H and W multiples of 14.
-            patch_tokens: optional ``[B, S, 1 + Np, C]`` from :meth:`encode_patches`.
-            heads: subset of ``("camera", "depth")`` (default both).
-            ref_view_strategy: ``saddle_balanced`` (default of the config), ``first``, ``middle``
-                or ``saddle_sim_range``; used for >= 3 views. Outputs are always in input order.
+        ``ref_view_strategy``: ``saddle_balanced`` (default of the config), ``first``, ``middle``
+        or ``saddle_sim_range``; used for >= 3 views. Outputs are always in input order.
 
         Returns (official names, float32): ``depth`` [B,S,H,W], ``depth_conf`` [B,S,H,W],
         ``extrinsics`` [B,S,3,4] (world-to-camera, OpenCV; the world is the reference view's
         camera), ``intrinsics`` [B,S,3,3] (input pixels), plus ``pose_enc`` [B,S,9] (the
         camera-to-world encoding the extrinsics come from) and ``ref_view_index`` [B] (-1: none).
         """
-        images = batched_images(images, self.config.patch_size)
-        b, s, _, h, w = images.shape
-        p = self.config.patch_size
-        grid = (h // p, w // p)
-        wanted = self._requested_heads(heads)
-        dtype = self.vit.cls_token.dtype
-        if patch_tokens is None:
-            patch_tokens = self.encode_patches(images)
-        else:
-            expected = (b, s, 1 + grid[0] * grid[1], self.config.embed_dim)
-            if not isinstance(patch_tokens, torch.Tensor) or tuple(patch_tokens.shape) != expected:
-                got = tuple(patch_tokens.shape) if isinstance(patch_tokens, torch.Tensor) else type(patch_tokens).__name__
-                raise ValueError(f"patch_tokens must have shape {expected} for these images, got {got}")
-            patch_tokens = patch_tokens.to(dtype)
-        outputs, ref = self.run_backbone(patch_tokens, grid, ref_view_strategy)
+        h, w = inputs.images.shape[-2:]
+        wanted = inputs.heads
+        outputs, ref = self.run_backbone(inputs.patch_tokens, inputs.grid, ref_view_strategy)
         feats, cam_tokens = self.head_features(outputs)
         out: dict[str, torch.Tensor] = {"ref_view_index": ref}
         if "depth" in wanted:
@@ -450,13 +437,14 @@ class DepthAnything3(nn.Module):
             out["extrinsics"], out["intrinsics"] = decode_camera(pose_enc, (h, w))
         return out
 
-    def _requested_heads(self, heads: Optional[Iterable[str]]) -> set[str]:
-        if heads is None:
-            return set(HEAD_NAMES)
-        if isinstance(heads, str):
-            heads = (heads,)
-        wanted = set(heads)
-        unknown = wanted - set(HEAD_NAMES)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEAD_NAMES}")
-        return wanted
+    def decode(self, outputs: dict, image_hw: tuple[int, int]) -> BackboneOutputs:
+        """``extrinsics`` (world-to-camera 3x4; world = the reference view's camera) -> c2w;
+        ``intrinsics`` are already in network pixels; ``depth`` / ``depth_conf`` (``1 + exp``)."""
+        c2w = intrinsics = depth = conf = None
+        if "extrinsics" in outputs:
+            c2w = camera_to_world(outputs["extrinsics"].detach().double())
+            intrinsics = outputs["intrinsics"].detach().double()
+        if "depth" in outputs:
+            depth = outputs["depth"].detach().float()
+            conf = outputs["depth_conf"].detach().float()
+        return BackboneOutputs(c2w, intrinsics, depth, conf)

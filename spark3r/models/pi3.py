@@ -17,14 +17,15 @@ therefore report ``reference_frame=None`` to token-reduction methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spark3r.accel.layout import TokenLayout
+from .layers.layout import TokenLayout
 
+from .base import BackboneModel, BackboneOutputs, ForwardInputs
 from .layers.attention import Attention
 from .layers.block import Block
 from .layers.rope import RoPE2D, grid_positions
@@ -170,8 +171,34 @@ class CameraHead(nn.Module):
         return pose
 
 
-class Pi3(nn.Module):
+def focal_from_local_points(local_points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per frame, the focal length (pixels, one for both axes) that best explains a camera-frame
+    point map ``[..., h, w, 3]`` under a pinhole with the principal point at the image centre
+    (the convention of the other backbones' intrinsics): weighted least squares of
+    ``f * (x/z, y/z) = (u - w/2, v - h/2)`` over pixels in front of the camera. NaN when a frame
+    has no usable pixel. Computed in the inputs' dtype (float64 recommended)."""
+    h, w = local_points.shape[-3:-1]
+    kw = dict(dtype=local_points.dtype, device=local_points.device)
+    v, u = torch.meshgrid(torch.arange(h, **kw) - h / 2, torch.arange(w, **kw) - w / 2, indexing="ij")
+    z = local_points[..., 2]
+    ok = torch.isfinite(local_points).all(dim=-1) & (z > 1e-12) & torch.isfinite(weights) & (weights > 0)
+    safe_z = torch.where(ok, z, torch.ones_like(z))
+    zero = torch.zeros_like(z)
+    a = torch.where(ok, local_points[..., 0] / safe_z, zero)
+    b = torch.where(ok, local_points[..., 1] / safe_z, zero)
+    wt = torch.where(ok, weights.to(z.dtype), zero)
+    num = (wt * (a * u + b * v)).sum(dim=(-2, -1))
+    den = (wt * (a * a + b * b)).sum(dim=(-2, -1))
+    focal = num / torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, focal, torch.full_like(focal, float("nan")))
+
+
+class Pi3(BackboneModel):
     """π3 backbone + heads. See :meth:`forward`."""
+
+    HEAD_NAMES = HEAD_NAMES
+    # depth = z of the local points; its confidence is the conf head
+    HEAD_ALIASES = {"depth": ("point", "conf")}
 
     def __init__(self, config: Pi3Config = Pi3Config(), preset: Optional[str] = None) -> None:
         super().__init__()
@@ -211,8 +238,11 @@ class Pi3(nn.Module):
         """Attention of the global decoder blocks (the odd ones), in layer order."""
         return [blk.attn for blk in self.decoder[1::2]]
 
-    def disabled_head_prefixes(self) -> tuple[str, ...]:
-        return ()
+    def weight_dtype(self) -> torch.dtype:
+        return self.register_token.dtype
+
+    def patch_token_shape(self, batch: int, frames: int, grid: tuple[int, int]) -> tuple[int, ...]:
+        return (batch, frames, grid[0] * grid[1], self.config.encoder_embed_dim)
 
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Per-frame DINO patch tokens ``[B, N, Np, C]`` for images in [0, 1]; frames are encoded
@@ -251,41 +281,19 @@ class Pi3(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        patch_tokens: Optional[torch.Tensor] = None,
-        heads: Optional[Iterable[str]] = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run the model.
-
-        Args:
-            images: ``[N, 3, H, W]`` or ``[B, N, 3, H, W]``, RGB in [0, 1], H and W multiples of 14.
-            patch_tokens: optional ``[B, N, Np, C]`` from :meth:`encode_patches` (skips DINO).
-            heads: subset of ``("camera", "point", "conf")`` (default all). The mapper's
-                ``("camera", "depth")`` request is accepted: depth is the z of the local points,
-                so "depth" runs the point head.
+    def forward_prepared(self, inputs: ForwardInputs) -> dict[str, torch.Tensor]:
+        """Decoder and the requested heads (``forward(images, patch_tokens=..., heads=...)`` with
+        heads from ``("camera", "point", "conf")``, default all; the mapper's ``"depth"`` stands
+        for point + conf: depth is the z of the local points).
 
         Returns (official names, float32): ``points`` [B,N,H,W,3] (world = camera_poses applied
         to local points), ``local_points`` [B,N,H,W,3], ``conf`` [B,N,H,W,1] (raw logits),
         ``camera_poses`` [B,N,4,4] (camera-to-world, OpenCV, arbitrary world frame); only those
         the requested heads produce.
         """
-        images = batched_images(images, self.config.patch_size)
-        b, s, _, h, w = images.shape
-        p = self.config.patch_size
-        grid = (h // p, w // p)
-        wanted = self._requested_heads(heads)
-        if patch_tokens is None:
-            patch_tokens = self.encode_patches(images)
-        else:
-            expected = (b, s, grid[0] * grid[1], self.config.encoder_embed_dim)
-            if not isinstance(patch_tokens, torch.Tensor) or tuple(patch_tokens.shape) != expected:
-                got = tuple(patch_tokens.shape) if isinstance(patch_tokens, torch.Tensor) else type(patch_tokens).__name__
-                raise ValueError(f"patch_tokens must have shape {expected} for these images, got {got}")
-            patch_tokens = patch_tokens.to(self.register_token.dtype)
-        hidden = self.aggregate(patch_tokens, grid)[0]
+        b, s, _, h, w = inputs.images.shape
+        grid, wanted = inputs.grid, inputs.heads
+        hidden = self.aggregate(inputs.patch_tokens, grid)[0]
         hidden = hidden.reshape(b * s, hidden.shape[2], hidden.shape[3])
         pos = grid_positions(grid[0], grid[1], self.config.special_tokens, device=hidden.device)
         start = self.config.special_tokens
@@ -309,15 +317,26 @@ class Pi3(nn.Module):
             out["conf"] = self.conf_head(tokens, grid).float().reshape(b, s, h, w, 1)
         return out
 
-    def _requested_heads(self, heads: Optional[Iterable[str]]) -> set[str]:
-        if heads is None:
-            return set(HEAD_NAMES)
-        if isinstance(heads, str):
-            heads = (heads,)
-        wanted = set(heads)
-        if "depth" in wanted:  # depth = z of the local points; its confidence is the conf head
-            wanted = (wanted - {"depth"}) | {"point", "conf"}
-        unknown = wanted - set(HEAD_NAMES)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEAD_NAMES} (or 'depth')")
-        return wanted
+    def decode(self, outputs: dict, image_hw: tuple[int, int]) -> BackboneOutputs:
+        """``camera_poses`` are already camera-to-world (OpenCV, arbitrary world per call); depth
+        is the z of ``local_points``; confidence ``1 + exp(conf)`` maps the raw logits onto the
+        ``>= 1`` scale of the other backbones. π3 predicts no intrinsics: the focal length is fitted
+        to the local point map (:func:`focal_from_local_points`), principal point at the centre."""
+        c2w = intrinsics = depth = conf = None
+        if "camera_poses" in outputs:
+            c2w = outputs["camera_poses"].detach().double()
+        if "local_points" in outputs:
+            depth = outputs["local_points"].detach()[..., 2].float()
+        if "conf" in outputs:
+            # exp overflows float32 beyond ~88; such pixels are certain anyway.
+            logits = outputs["conf"].detach()[..., 0].double().clamp(-60.0, 60.0)
+            conf = (1.0 + torch.exp(logits)).float()
+        if "local_points" in outputs and "conf" in outputs:
+            local = outputs["local_points"].detach().double()
+            focal = focal_from_local_points(local, 1.0 / (1.0 + torch.exp(-logits)))
+            h, w = image_hw
+            intrinsics = torch.zeros(focal.shape + (3, 3), dtype=torch.float64, device=focal.device)
+            intrinsics[..., 0, 0] = intrinsics[..., 1, 1] = focal
+            intrinsics[..., 0, 2], intrinsics[..., 1, 2], intrinsics[..., 2, 2] = w / 2, h / 2, 1.0
+        points = outputs.get("points")
+        return BackboneOutputs(c2w, intrinsics, depth, conf, None if points is None else points.detach())

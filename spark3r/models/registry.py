@@ -1,12 +1,15 @@
-"""Model presets: name -> config dataclass -> ``nn.Module``."""
+"""Model presets: name -> (backbone class, config dataclass) -> built model.
+
+A new backbone is one module (a :class:`~spark3r.models.base.BackboneModel` subclass and its
+config) plus one :func:`register_preset` call."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch import nn
 
+from .base import BackboneModel
 from .da3 import DA3Config, DepthAnything3
 from .pi3 import Pi3, Pi3Config
 from .vggt import VGGT, VGGTConfig
@@ -56,50 +59,74 @@ _DA3 = {
                            enable_gs_head=True),
 }
 
-_PRESETS: dict[str, tuple[Callable[..., nn.Module], object]] = {
-    "vggt-1b": (VGGT, VGGTConfig()),
-    "vggt-tiny": (VGGT, _VGGT_TINY),
-    "pi3": (Pi3, Pi3Config()),
-    "pi3-tiny": (Pi3, _PI3_TINY),
-    **{name: (DepthAnything3, cfg) for name, cfg in _DA3.items()},
-}
+# name -> (backbone class, config); filled by register_preset below.
+_PRESETS: dict[str, tuple[type[BackboneModel], object]] = {}
 
 # Where each preset's released weights live (None: no public checkpoint).
-DEFAULT_SOURCES: dict[str, Optional[str]] = {
-    "vggt-1b": "facebook/VGGT-1B",
-    "vggt-tiny": None,
-    "pi3": "yyfz233/Pi3",
-    "pi3-tiny": None,
-    "da3-small": "depth-anything/DA3-SMALL",
-    "da3-base": "depth-anything/DA3-BASE",
-    "da3-large": "depth-anything/DA3-LARGE-1.1",
-    "da3-giant": "depth-anything/DA3-GIANT-1.1",
-}
+DEFAULT_SOURCES: dict[str, Optional[str]] = {}
 
-# DA3 checkpoints name their architecture in config.json ("model_name": "da3-large", ...).
-HF_MODEL_NAMES: dict[str, str] = {name: name for name in _DA3}
-
-# Per family: config overrides that drop modules inference never runs (their checkpoint entries
-# are then skipped when loading), and which outputs need which head switches (VGGT only).
-_UNUSED_MODULES = {"vggt": {"enable_track": False}, "pi3": {}, "da3": {"enable_cam_enc": False, "enable_gs_head": False}}
-_VGGT_HEAD_FLAGS = {"camera": "enable_camera", "depth": "enable_depth", "point": "enable_point"}
+# Checkpoints that name their architecture in config.json ("model_name": "da3-large", ...).
+HF_MODEL_NAMES: dict[str, str] = {}
 
 
-def model_family(preset: str) -> str:
-    """``"vggt-1b"`` -> ``"vggt"``, ``"pi3-tiny"`` -> ``"pi3"``, ``"da3-small"`` -> ``"da3"``."""
-    return str(preset).lower().split("-")[0]
+def register_preset(name: str, cls: type[BackboneModel], config, *, source: Optional[str] = None,
+                    hf_model_name: Optional[str] = None) -> None:
+    """Make ``build_model(name)`` build ``cls(config, preset=name)``.
+
+    ``cls``: a :class:`~spark3r.models.base.BackboneModel` subclass; ``config``: its frozen config
+    dataclass. ``source``: where released weights live (hub id), for ``load_pretrained(name)``;
+    ``hf_model_name``: the ``model_name`` a checkpoint's config.json uses for this architecture."""
+    if name in _PRESETS:
+        raise ValueError(f"model preset {name!r} is already registered")
+    if not (isinstance(cls, type) and issubclass(cls, BackboneModel)):
+        raise TypeError(f"a preset's class must subclass spark3r.models.base.BackboneModel, got {cls!r}")
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"a preset's config must be a dataclass instance, got {type(config).__name__}")
+    _PRESETS[name] = (cls, config)
+    DEFAULT_SOURCES[name] = source
+    if hf_model_name is not None:
+        HF_MODEL_NAMES[hf_model_name] = name
+
+
+def unregister_preset(name: str) -> None:
+    """Remove a preset added with :func:`register_preset` (tests, plugins that unload)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}")
+    del _PRESETS[name]
+    DEFAULT_SOURCES.pop(name, None)
+    for hf_name in [k for k, v in HF_MODEL_NAMES.items() if v == name]:
+        del HF_MODEL_NAMES[hf_name]
+
+
+register_preset("vggt-1b", VGGT, VGGTConfig(), source="facebook/VGGT-1B")
+register_preset("vggt-tiny", VGGT, _VGGT_TINY)
+register_preset("pi3", Pi3, Pi3Config(), source="yyfz233/Pi3")
+register_preset("pi3-tiny", Pi3, _PI3_TINY)
+register_preset("da3-small", DepthAnything3, _DA3["da3-small"], source="depth-anything/DA3-SMALL", hf_model_name="da3-small")
+register_preset("da3-base", DepthAnything3, _DA3["da3-base"], source="depth-anything/DA3-BASE", hf_model_name="da3-base")
+register_preset("da3-large", DepthAnything3, _DA3["da3-large"], source="depth-anything/DA3-LARGE-1.1",
+                hf_model_name="da3-large")
+register_preset("da3-giant", DepthAnything3, _DA3["da3-giant"], source="depth-anything/DA3-GIANT-1.1",
+                hf_model_name="da3-giant")
+
+
+def preset_class(preset: str) -> type[BackboneModel]:
+    """The backbone class of ``preset``."""
+    if preset not in _PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; available: {', '.join(list_presets())}")
+    return _PRESETS[preset][0]
 
 
 def inference_overrides(preset: str, outputs: Optional[tuple[str, ...]] = None) -> dict:
     """Config overrides for inference-only use of ``preset``: modules that are never run are not
-    built. ``outputs`` (VGGT: subset of camera/depth/point) also drops the heads not listed."""
-    if preset not in _PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; available: {', '.join(list_presets())}")
-    family = model_family(preset)
-    overrides = dict(_UNUSED_MODULES.get(family, {}))
-    if family == "vggt" and outputs is not None:
-        overrides.update({flag: False for head, flag in _VGGT_HEAD_FLAGS.items() if head not in outputs})
-    return overrides
+    built (the backbone's ``UNUSED_MODULES``). ``outputs`` (VGGT: subset of camera/depth/point)
+    also drops the heads not listed, where the backbone supports that."""
+    return preset_class(preset).inference_overrides(outputs)
+
+
+def num_global_layers(preset: str) -> int:
+    """Global-attention layers of ``preset`` (from a meta-device build: nothing is allocated)."""
+    return build_model(preset, device="meta").num_global_layers
 
 
 def list_presets() -> list[str]:
@@ -118,14 +145,14 @@ def preset_config(preset: str, **overrides):
     return dataclasses.replace(config, **overrides)
 
 
-def build_model(preset: str, *, device=None, dtype: Optional[torch.dtype] = None, **overrides) -> nn.Module:
+def build_model(preset: str, *, device=None, dtype: Optional[torch.dtype] = None, **overrides) -> BackboneModel:
     """Build ``preset`` with random-ish (constructor default) weights in eval mode.
 
     ``device="meta"`` allocates nothing (for FLOP counting, or ``load_weights`` which then assigns
     the checkpoint tensors). ``overrides`` replace config fields, e.g. ``enable_point=False``.
     """
-    cls, _ = _PRESETS.get(preset, (None, None))
     config = preset_config(preset, **overrides)
+    cls = preset_class(preset)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     with torch.device(device if device is not None else "cpu"):

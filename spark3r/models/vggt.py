@@ -16,8 +16,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from spark3r.accel.layout import TokenLayout
+from .layers.layout import TokenLayout
 
+from .base import BackboneModel, BackboneOutputs, ForwardInputs, camera_to_world
+from .camera import pose_encoding_to_extrinsics_intrinsics
 from .images import batched_images, normalize_images
 from .layers.attention import Attention
 from .layers.block import Block
@@ -302,8 +304,12 @@ class TrackHead(nn.Module):
         raise NotImplementedError("VGGT point tracking is not implemented in spark3r; only its weights are loaded")
 
 
-class VGGT(nn.Module):
+class VGGT(BackboneModel):
     """VGGT backbone + heads. See :meth:`forward` for inputs and outputs."""
+
+    HEAD_NAMES = HEAD_NAMES
+    UNUSED_MODULES = {"enable_track": False}
+    _HEAD_FLAGS = {"camera": "enable_camera", "depth": "enable_depth", "point": "enable_point"}
 
     def __init__(self, config: VGGTConfig = VGGTConfig(), preset: Optional[str] = None) -> None:
         super().__init__()
@@ -340,7 +346,20 @@ class VGGT(nn.Module):
                  "depth_head": self.depth_head, "track_head": self.track_head}
         return tuple(f"{k}." for k, v in names.items() if v is None)
 
-    def _weight_dtype(self) -> torch.dtype:
+    def enabled_heads(self) -> set[str]:
+        heads = {"camera": self.camera_head, "depth": self.depth_head, "point": self.point_head}
+        return {name for name, mod in heads.items() if mod is not None}
+
+    @classmethod
+    def inference_overrides(cls, outputs: Optional[Iterable[str]] = None) -> dict:
+        """No track head; with ``outputs`` (subset of camera/depth/point) also no unlisted head."""
+        overrides = dict(cls.UNUSED_MODULES)
+        if outputs is not None:
+            wanted = set(outputs)
+            overrides.update({flag: False for head, flag in cls._HEAD_FLAGS.items() if head not in wanted})
+        return overrides
+
+    def weight_dtype(self) -> torch.dtype:
         return self.aggregator.camera_token.dtype
 
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
@@ -350,42 +369,40 @@ class VGGT(nn.Module):
         so tokens cached from earlier calls can be concatenated with new ones."""
         return self.aggregator.encode_patches(batched_images(images, self.config.patch_size))
 
+    def patch_token_shape(self, batch: int, frames: int, grid: tuple[int, int]) -> tuple[int, ...]:
+        return (batch, frames, grid[0] * grid[1], self.config.embed_dim)
+
+    def aggregate(self, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> list[Optional[torch.Tensor]]:
+        """The alternating-attention aggregator (see :meth:`Aggregator.forward`)."""
+        return self.aggregator(patch_tokens, grid)
+
+    def decode(self, outputs: dict, image_hw: tuple[int, int]) -> BackboneOutputs:
+        """``pose_enc`` (world-to-camera + FoV) -> c2w and intrinsics; ``depth``/``depth_conf``
+        (confidence ``1 + exp``, already >= 1); ``world_points`` as the points."""
+        c2w = intrinsics = depth = conf = None
+        if "pose_enc" in outputs:
+            w2c, intrinsics = pose_encoding_to_extrinsics_intrinsics(outputs["pose_enc"].detach().double(), image_hw)
+            c2w = camera_to_world(w2c)
+        if "depth" in outputs:
+            depth = outputs["depth"].detach()[..., 0].float()
+            conf = outputs["depth_conf"].detach().float()
+        points = outputs.get("world_points")
+        return BackboneOutputs(c2w, intrinsics, depth, conf, None if points is None else points.detach())
+
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        patch_tokens: Optional[torch.Tensor] = None,
-        heads: Optional[Iterable[str]] = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run the model.
-
-        Args:
-            images: ``[S, 3, H, W]`` or ``[B, S, 3, H, W]``, RGB in [0, 1], H and W multiples of 14.
-            patch_tokens: optional ``[B, S, Np, C]`` from :meth:`encode_patches` (skips DINO).
-            heads: subset of ``("camera", "depth", "point")`` to run (default: all enabled).
+    def forward_prepared(self, inputs: ForwardInputs) -> dict[str, torch.Tensor]:
+        """Aggregator and the requested heads (``forward(images, patch_tokens=..., heads=...)``
+        with heads from ``("camera", "depth", "point")``; default all enabled).
 
         Returns (official names; B is always present):
             ``pose_enc`` [B,S,9] and ``pose_enc_list`` (per iteration), ``depth`` [B,S,H,W,1],
             ``depth_conf`` [B,S,H,W], ``world_points`` [B,S,H,W,3], ``world_points_conf``
             [B,S,H,W], ``images`` (the batched input).
         """
-        images = batched_images(images, self.config.patch_size)
-        b, s, _, h, w = images.shape
-        p = self.config.patch_size
-        grid = (h // p, w // p)
-        wanted = self._requested_heads(heads)
-        dtype = self._weight_dtype()
-        if patch_tokens is None:
-            patch_tokens = self.aggregator.encode_patches(images)
-        else:
-            expected = (b, s, grid[0] * grid[1], self.config.embed_dim)
-            if not isinstance(patch_tokens, torch.Tensor) or tuple(patch_tokens.shape) != expected:
-                got = tuple(patch_tokens.shape) if isinstance(patch_tokens, torch.Tensor) else type(patch_tokens).__name__
-                raise ValueError(f"patch_tokens must have shape {expected} for these images, got {got}")
-            patch_tokens = patch_tokens.to(dtype)
-        tokens = self.aggregator(patch_tokens, grid)
+        images, wanted = inputs.images, inputs.heads
+        h, w = images.shape[-2:]
+        tokens = self.aggregate(inputs.patch_tokens, inputs.grid)
         start = self.aggregator.patch_start_idx
         out: dict[str, torch.Tensor] = {}
         if "camera" in wanted:
@@ -406,21 +423,3 @@ class VGGT(nn.Module):
     def _tokens_for(head: DPTHead, tokens: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
         dtype = head.norm.weight.dtype
         return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tokens]
-
-    def _requested_heads(self, heads: Optional[Iterable[str]]) -> set[str]:
-        enabled = {
-            name for name, mod in (("camera", self.camera_head), ("depth", self.depth_head), ("point", self.point_head))
-            if mod is not None
-        }
-        if heads is None:
-            return enabled
-        if isinstance(heads, str):
-            heads = (heads,)
-        wanted = set(heads)
-        unknown = wanted - set(HEAD_NAMES)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEAD_NAMES}")
-        missing = wanted - enabled
-        if missing:
-            raise ValueError(f"heads {sorted(missing)} were disabled when the model was built")
-        return wanted

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 def _parse_value(text: str):
@@ -25,7 +26,7 @@ def parse_params(pairs) -> dict:
     for pair in pairs or ():
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"--param expects name=value (a mapper parameter), got {pair!r}")
+            raise ValueError(f"--param expects name=value (a mapper parameter or reduction.<name>), got {pair!r}")
         values[name.strip()] = _parse_value(value)
     return values
 
@@ -52,11 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="patch-embedding cache capacity in keyframes (0 = window_size + window_stride)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--image-width", type=int, default=518, help="network input width (multiple of 14)")
+    p.add_argument("--image-width", type=int, default=518, help="network input width, 28-4088 in steps of 14")
     p.add_argument("--ground-truth", type=Path, metavar="TUM_DIR",
                    help="TEST DOUBLE instead of a model: answer windows with this TUM folder's ground truth")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
-                   help="mapper parameter (same names as the ROS node), repeatable, e.g. --param window_size=8")
+                   help="mapper parameter or reduction method parameter reduction.<name> (same names as the ROS node), "
+                        "repeatable, e.g. --param window_size=8 --param reduction.query_keep=1")
     p.add_argument("--save-session", type=Path, metavar="DIR",
                    help="also write a loadable map session (keyframes, poses, graph, descriptors, points) to DIR")
     p.add_argument("--load-session", type=Path, metavar="DIR",
@@ -66,16 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress line (it is shown only on a terminal anyway)")
 
 
-def build_backbone(args) -> tuple[object, dict]:
-    """The backbone chosen on the command line and a description for the report."""
-    if args.ground_truth is not None:
-        from spark3r.mapping.testing import GroundTruthBackbone
-        from spark3r.offline.benchmark import load_tum_ground_truth
-
-        return GroundTruthBackbone(load_tum_ground_truth(args.ground_truth)), {
-            "type": "GroundTruthBackbone (test double)", "ground_truth": str(args.ground_truth)}
-    from spark3r.mapping import BackboneConfig
-    from spark3r.mapping.model_backbone import ModelBackbone
+def backbone_values(args, params: dict) -> dict:
+    """The flat backbone parameters (the node's names) from the flags, ``--reduction-params``
+    and the ``reduction.<name>`` entries of ``--param``."""
+    from spark3r.mapping.config import REDUCTION_PREFIX
 
     try:
         reduction_params = json.loads(args.reduction_params)
@@ -83,13 +79,40 @@ def build_backbone(args) -> tuple[object, dict]:
         raise ValueError(f"--reduction-params must be a JSON object, got {args.reduction_params!r}: {exc}") from None
     if not isinstance(reduction_params, dict):
         raise ValueError(f"--reduction-params must be a JSON object, got {args.reduction_params!r}")
-    if args.reduction_schedule:
-        if args.reduction != "spark3r":
-            raise ValueError(f"--reduction-schedule is only used by --reduction spark3r, got --reduction {args.reduction}")
-        reduction_params["schedule"] = str(Path(args.reduction_schedule).expanduser())
-    cfg = BackboneConfig(backbone=args.backbone, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
-                         reduction=args.reduction, reduction_params=reduction_params, image_width=args.image_width,
-                         cache_max_frames=args.cache_max_frames)
+    if args.reduction_schedule and args.reduction != "spark3r":
+        raise ValueError(f"--reduction-schedule is only used by --reduction spark3r, got --reduction {args.reduction}")
+    values = {"backbone": args.backbone, "checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
+              "reduction": args.reduction, "reduction_schedule": str(Path(args.reduction_schedule).expanduser())
+              if args.reduction_schedule else "", "image_width": args.image_width,
+              "cache_max_frames": args.cache_max_frames}
+    schedule = reduction_params.pop("schedule", None)
+    if schedule is not None:  # the schedule file has its own parameter, reduction_schedule
+        if values["reduction_schedule"] and values["reduction_schedule"] != str(Path(schedule).expanduser()):
+            raise ValueError("the schedule is given twice (--reduction-schedule and --reduction-params) with different files")
+        values["reduction_schedule"] = str(Path(schedule).expanduser())
+    for name, value in reduction_params.items():
+        values[REDUCTION_PREFIX + name] = value
+    for name, value in params.items():
+        if name.startswith(REDUCTION_PREFIX):
+            if name in values and values[name] != value:
+                raise ValueError(f"{name} is given twice (--reduction-params and --param) with different values")
+            values[name] = value
+    return values
+
+
+def build_backbone(args, params: Optional[dict] = None) -> tuple[object, dict]:
+    """The backbone chosen on the command line (a BackboneConfig for a model: it is built only
+    once the inputs are fine) and a description for the report."""
+    from spark3r.mapping import BackboneConfig
+
+    # Checked even for the test double, so a bad flag is refused the same way with any backbone.
+    cfg = BackboneConfig.from_flat(backbone_values(args, params or {}))
+    if args.ground_truth is not None:
+        from spark3r.mapping.testing import GroundTruthBackbone
+        from spark3r.offline.benchmark import load_tum_ground_truth
+
+        return GroundTruthBackbone(load_tum_ground_truth(args.ground_truth)), {
+            "type": "GroundTruthBackbone (test double)", "ground_truth": str(args.ground_truth)}
     return cfg, {"type": "ModelBackbone", "backbone": cfg.backbone, "checkpoint": cfg.checkpoint, "reduction": cfg.reduction,
                  "reduction_params": cfg.reduction_params, "image_width": cfg.image_width, "device": cfg.device,
                  "dtype": cfg.dtype}
@@ -97,15 +120,18 @@ def build_backbone(args) -> tuple[object, dict]:
 
 def run(args) -> int:
     from spark3r.mapping import MapperConfig
+    from spark3r.mapping.config import REDUCTION_PREFIX
     from spark3r.offline.inputs import open_input
     from spark3r.offline.runner import run_map
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = MapperConfig.from_flat(parse_params(args.param))
+        # Every parameter is checked (names, ranges, relations) before any input is opened.
+        params = parse_params(args.param)
+        config = MapperConfig.from_flat({n: v for n, v in params.items() if not n.startswith(REDUCTION_PREFIX)})
+        backbone, info = build_backbone(args, params)
         source = open_input(args.input, kind=args.kind, topic=args.topic, fps=args.fps,
                             camera_info_topic=args.camera_info_topic)
-        backbone, info = build_backbone(args)
         if not hasattr(backbone, "predict"):  # a BackboneConfig: build the model only once inputs are fine
             from spark3r.mapping.model_backbone import ModelBackbone
 

@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from spark3r.mapping.tf_tree import TransformTree
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")
@@ -124,21 +126,6 @@ def open_input(path, kind: Optional[str] = None, topic: Optional[str] = None, fp
 # -- bags -------------------------------------------------------------------------------------
 
 
-def _chain_to_root(static: dict, child: str) -> tuple[str, np.ndarray] | None:
-    """Compose /tf_static from ``child`` up to its root frame: (root, pose of child in root)."""
-    parent_of = {c: (p, T) for (p, c), T in static.items()}
-    if child not in parent_of:
-        return None
-    pose, frame, seen = np.eye(4), child, {child}
-    while frame in parent_of:
-        parent, T = parent_of[frame]
-        if parent in seen:
-            raise ValueError(f"/tf_static has a cycle through frame {parent!r}")
-        pose, frame = T @ pose, parent
-        seen.add(frame)
-    return frame, pose
-
-
 def _open_bag(path: Path, topic: Optional[str], fps: float, camera_info_topic: Optional[str]) -> OfflineInput:
     from spark3r.data import bag_io
     from spark3r.data.image_codec import decode_compressed_image, decode_raw_image
@@ -166,7 +153,10 @@ def _open_bag(path: Path, topic: Optional[str], fps: float, camera_info_topic: O
         source.notes.append(f"intrinsics from CameraInfo ({info.width}x{info.height})")
         source.calibrated_size = (info.height, info.width)
     static = bag_io.read_bag_tf_static(path)
-    chain = _chain_to_root(static, source.camera_frame) if static else None
+    tree = TransformTree()
+    for (parent, child), T in static.items():
+        tree.set(parent, child, T)
+    chain = tree.root_of(source.camera_frame) if static else None
     if chain is not None:
         source.base_frame, source.base_to_camera = chain
         source.notes.append(f"extrinsic {source.base_frame} -> {source.camera_frame} from /tf_static")

@@ -36,6 +36,8 @@ import numpy as np
 
 from spark3r.data.io import temp_sibling, atomic_write, format_stamp_ns
 from spark3r.mapping import Frame, Mapper, MapperConfig, WindowResult
+from spark3r.mapping.config import OutputConfig
+from spark3r.mapping.outputs import OutputComposer
 from spark3r.offline.inputs import OfflineInput
 from spark3r.offline.map_bag import MapBagWriter
 
@@ -127,14 +129,16 @@ def _png16(path: Path, values: np.ndarray) -> float:
 class _Run:
     staging: Path
     bag: MapBagWriter
+    composer: OutputComposer
     recorder: RecordingBackbone
     keyframes: list = field(default_factory=list)
     windows: list = field(default_factory=list)
 
     def save_window(self, result: WindowResult) -> None:
         ids, pred = self.recorder.covering([kf.id for kf in result.keyframes])
+        if result.keyframes:
+            self.bag.write_window(self.composer.compose_window(result))
         for kf in result.keyframes:
-            self.bag.write_keyframe(kf.stamp_ns, kf.base_to_map)
             entry = {"id": kf.id, "stamp": format_stamp_ns(kf.stamp_ns), "stamp_ns": kf.stamp_ns,
                      "window": result.window_index, "K": np.asarray(kf.K).tolist()}
             if pred is not None and kf.id in ids:
@@ -147,9 +151,6 @@ class _Run:
                              conf_scale=_png16(self.staging / "keyframes" / f"{name}_conf.png", np.asarray(pred.conf[i], np.float64)),
                              depth_box=[float(b) for b in pred.depth_box])
             self.keyframes.append(entry)
-        if result.keyframes:
-            self.bag.write_path(result.latest_stamp_ns)
-            self.bag.write_window_cloud(result.latest_stamp_ns, result.points_xyz, result.points_rgb)
         self.windows.append({"window": result.window_index, "keyframes": len(result.keyframes),
                              "latency_s": result.latency_s, "scale": result.scale, "residual": result.residual,
                              "inlier_fraction": result.inlier_fraction, "shared_keyframes": result.shared_keyframes,
@@ -236,8 +237,14 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
     if load_session is not None:
         mapper.load_session(load_session, localization_only=localization_only)
     (staging / "keyframes").mkdir()
-    bag = MapBagWriter(staging / "mapping.bag", base_frame=source.base_frame, camera_frame=source.camera_frame)
-    run = _Run(staging, bag, recorder)
+    # The live node's default frames and TF policy (it owns odometry), with the input's base frame.
+    try:
+        composer = OutputComposer(OutputConfig(base_frame=source.base_frame))
+    except ValueError as exc:
+        raise ValueError(f"the input's base frame {source.base_frame!r} (root of its /tf_static) cannot be the "
+                         f"outputs' base_link: {exc}") from None
+    bag = MapBagWriter(staging / "mapping.bag")
+    run = _Run(staging, bag, composer, recorder)
     progress = Progress(progress_stream, source.expected_frames if max_frames is None else max_frames)
     interrupted = False
     t_start = time.monotonic()
@@ -247,7 +254,7 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         try:
             for frame in source.frames():
                 if first_stamp is None:
-                    bag.write_static(frame.stamp_ns, mapper.base_to_camera)
+                    bag.write_static(composer.static_transform(frame.stamp_ns, mapper.base_to_camera, source.camera_frame))
                     first_stamp = frame.stamp_ns
                 last_stamp = frame.stamp_ns
                 mapper.offer(Frame(frame.image, frame.stamp_ns, source.K))
@@ -272,7 +279,7 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         progress.close()
         xyz, rgb = mapper.voxel_map.points()
         if first_stamp is not None:
-            bag.write_map(last_stamp, xyz, rgb)
+            bag.write_map(composer.map_cloud(xyz, rgb, last_stamp))
         bag.close()
     except BaseException:
         bag.abort()

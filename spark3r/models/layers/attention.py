@@ -2,7 +2,7 @@
 
 Global (multi-view) layers are the plug-in point for token reduction: an :class:`Attention`
 module whose ``global_op`` is set hands q, k, v (after qk-norm and RoPE) together with a
-:class:`~spark3r.accel.layout.TokenLayout` to that operation instead of running dense SDPA. With
+:class:`~spark3r.models.layers.layout.TokenLayout` to that operation instead of running dense SDPA. With
 ``global_op = None`` the exact dense path runs.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spark3r.accel.layout import GlobalAttentionOp, TokenLayout
+from .layout import GlobalAttentionOp, TokenLayout
 
 from .rope import RoPE2D
 

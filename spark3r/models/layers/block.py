@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from spark3r.accel.layout import TokenLayout
+from .layout import TokenLayout
 
 from .attention import Attention
 from .mlp import make_ffn

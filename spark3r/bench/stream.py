@@ -137,7 +137,7 @@ def run_stream_from_args(args) -> int:
     import json
     from pathlib import Path
 
-    from spark3r.accel.cli_args import method_params
+    from .cli_args import method_params
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else ("dense", "uniform", "spark3r")
     result = run_stream_bench(stream_config_from_args(args, methods, method_params(args, methods)))

@@ -6,7 +6,7 @@ FLOP-model speedup and the Amdahl bound, peak memory, fidelity vs dense, and —
 q/k/v of one real global layer captured during the dense run — the attention op's own speedup and
 its efficiency (measured speedup / FLOP-model speedup, overheads included).
 
-Weights are seeded-v1 (deterministic synthetic, ``spark3r.seeded``) unless a checkpoint is given;
+Weights are seeded-v1 (deterministic synthetic, ``spark3r.models.seeded``) unless a checkpoint is given;
 with synthetic weights the fidelity numbers say how much a method perturbs *this* network, not
 how good real reconstructions are.
 """
@@ -22,11 +22,14 @@ from typing import Any, Optional
 
 import torch
 
+from spark3r.accel import native
+from spark3r.accel.apply import apply, build_op, make_config, remove
+from spark3r.accel.common import relative_error
+from spark3r.models.base import BackboneOutputs
+from spark3r.models.camera import invert_rigid
+from spark3r.models.layers.layout import TokenLayout
+
 from . import flops as flops_mod
-from . import native
-from .apply import apply, build_op, make_config, remove
-from .common import relative_error
-from .layout import TokenLayout
 
 
 @dataclass(frozen=True)
@@ -146,41 +149,20 @@ def _rotation_angle_deg(r: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.arccos(cos))
 
 
-def _depth(out: dict):
-    """Depth from any backbone's outputs: VGGT/DA3 ``depth``, pi3 the z of ``local_points``."""
-    if "depth" in out:
-        return out["depth"]
-    return out["local_points"][..., 2] if "local_points" in out else None
-
-
-def _extrinsics(out: dict, image_hw):
-    """World-to-camera ``[..., 3, 4]`` from VGGT ``pose_enc``, DA3 ``extrinsics`` or pi3
-    ``camera_poses`` (camera-to-world 4x4)."""
-    from spark3r.models.camera import invert_rigid, pose_encoding_to_extrinsics_intrinsics
-
-    if "pose_enc" in out and "extrinsics" not in out:
-        return pose_encoding_to_extrinsics_intrinsics(out["pose_enc"].double(), image_hw)[0]
-    if "extrinsics" in out:
-        return out["extrinsics"].double()
-    if "camera_poses" in out:
-        return invert_rigid(out["camera_poses"].double())[..., :3, :]
-    return None
-
-
-def fidelity(out: dict, ref: dict, image_hw: tuple[int, int]) -> dict:
-    """Errors of a model output vs the dense output (float64, averaged over frames/pixels);
-    understands the outputs of VGGT, pi3 and DA3."""
+def fidelity(out: BackboneOutputs, ref: BackboneOutputs) -> dict:
+    """Errors of decoded model outputs vs the decoded dense outputs (float64, averaged over
+    frames/pixels): ``depth_rel``, ``points_rel`` (where the model predicts world points),
+    ``rotation_deg`` and ``translation_rel`` of the world-to-camera poses. Any backbone: both
+    sides come from its own :meth:`~spark3r.models.base.BackboneModel.decode`."""
     res: dict[str, float] = {}
-    d, dr = _depth(out), _depth(ref)
-    if d is not None and dr is not None:
-        d, dr = d.double(), dr.double()
+    if out.depth is not None and ref.depth is not None:
+        d, dr = out.depth.double(), ref.depth.double()
         res["depth_rel"] = float(((d - dr).abs() / dr.abs().clamp_min(1e-12)).mean())
-    points = "world_points" if "world_points" in out else "points"
-    if points in out and points in ref:
-        p, pr = out[points].double(), ref[points].double()
+    if out.points is not None and ref.points is not None:
+        p, pr = out.points.double(), ref.points.double()
         res["points_rel"] = float((p - pr).norm(dim=-1).mean() / pr.norm(dim=-1).mean().clamp_min(1e-12))
-    e, er = _extrinsics(out, image_hw), _extrinsics(ref, image_hw)
-    if e is not None and er is not None:
+    if out.c2w is not None and ref.c2w is not None:
+        e, er = invert_rigid(out.c2w.double()), invert_rigid(ref.c2w.double())
         rel = e[..., :3, :3] @ er[..., :3, :3].transpose(-1, -2)
         res["rotation_deg"] = float(_rotation_angle_deg(rel).mean())
         t, tr = e[..., :3, 3], er[..., :3, 3]
@@ -401,7 +383,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     def forward():
         if cfg.scope == "aggregator":
             tokens = model.encode_patches(images)
-            return {"aggregator": flops_mod.aggregate_fn(model)(tokens, (h // 14, w // 14))[-1]}
+            p = model.config.patch_size
+            return {"aggregator": model.aggregate(tokens, (h // p, w // p))[-1]}
         return model(images)
 
     times: dict[str, list[float]] = {m: [] for m in cfg.methods}
@@ -439,7 +422,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         if cfg.scope == "aggregator":
             e["fidelity"] = {"aggregator_rel": relative_error(outputs[m]["aggregator"], ref["aggregator"])}
         else:
-            e["fidelity"] = fidelity(outputs[m], ref, (h, w))
+            e["fidelity"] = fidelity(model.decode(outputs[m], (h, w)), model.decode(ref, (h, w)))
         e["attention_op"] = timing["methods"][m]
     result["memory_measurement"] = PeakMemory(device).how
     result["attention_op"] = {k: v for k, v in timing.items() if k != "methods"}

@@ -1,8 +1,10 @@
-"""What a global-attention layer tells a reduction method about its tokens.
+"""What a global-attention layer tells the operation installed in its hook about its tokens.
 
-This module is the contract between the backbones (``spark3r.models``) and the attention
-operations (``spark3r.accel``): backbones build a :class:`TokenLayout` and call the layer's
-:class:`GlobalAttentionOp`; reduction methods see q, k, v and the layout, never a model class.
+The hook is ``Attention.global_op`` (``layers/attention.py``), so its contract lives here, next
+to it: backbones build a :class:`TokenLayout` for each global layer, and whatever is installed
+(``spark3r.accel``'s reduction ops, a FLOP recorder, a probe) is a :class:`GlobalAttentionOp`
+that sees q, k, v and the layout, never a model class. ``spark3r.models`` imports nothing from
+``spark3r.accel``; the dependency points the other way.
 
 Token order inside a global layer is frame-major: ``S`` frames of ``P`` tokens each, and inside a
 frame the ``special_tokens`` (camera / register tokens) come first, followed by the patch tokens

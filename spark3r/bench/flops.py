@@ -1,14 +1,14 @@
-"""FLOP model: exact closed-form counts of global attention (dense and reduced, with each
-method's own overhead) and whole-model counts from ``FlopCounterMode`` on a ``meta``-device twin.
+"""FLOP model: global attention priced by the installed op itself (each op reports its matmuls
+and overhead, :meth:`spark3r.accel.op.AttentionOp.attention_flops`; this module only sums them)
+and whole-model counts from ``FlopCounterMode`` on a ``meta``-device twin.
 
-Conventions: a multiply-add is 2 FLOPs; attention counts the two matmuls (QK^T and AV,
-``4 * Nq * Nk * head_dim`` per head), exactly what ``torch.utils.flop_counter`` counts for SDPA;
-softmax and other elementwise work inside attention are not counted (for any method). Method
-overheads (matching, scoring, merging sums) are counted as their arithmetic.
+Conventions (see :mod:`spark3r.accel.op`): a multiply-add is 2 FLOPs; attention counts the two
+matmuls, exactly what ``torch.utils.flop_counter`` counts for SDPA.
 
 Whole-model FLOPs: everything outside global attention is per frame except the camera head's
 small cross-frame trunk, so ``model(S) - global_attention(S)`` is a quadratic in S; it is fitted
 exactly from meta-device counts at S = 1, 2, 3 frames, which makes 1000-frame counts instant.
+The multi-view stage alone is the backbone's ``aggregate`` (scope "aggregator").
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ from typing import Any, Optional
 
 import torch
 
-from .common import exact_attention
-from .layout import TokenLayout
+from spark3r.accel.common import exact_attention
+from spark3r.accel.op import attention_matmul_flops, layer_cost
+from spark3r.models.layers.layout import TokenLayout
 
 
 def dense_attention_flops(num_tokens: int, heads: int, head_dim: int, batch: int = 1) -> int:
-    return 4 * batch * heads * num_tokens * num_tokens * head_dim
+    return attention_matmul_flops(num_tokens, num_tokens, heads, head_dim, batch)
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,11 @@ class Geometry:
 
 
 def layer_flops(op: Any, layout: TokenLayout, heads: int, head_dim: int, batch: int = 1) -> dict:
-    """``{"attention", "overhead", "total", "queries", "keys"}`` of one global layer; ``op=None``
-    or an op that leaves this layer exact counts as dense."""
-    if op is None or op.is_identity(layout.layer):
-        nq = nk = layout.num_tokens
-        overhead = 0
-    else:
-        nq, nk = op.reduced_sizes(layout)
-        overhead = int(op.overhead_flops(layout, heads, head_dim, batch))
-    attention = 4 * batch * heads * nq * nk * head_dim
-    return {"attention": attention, "overhead": overhead, "total": attention + overhead, "queries": nq, "keys": nk}
+    """``{"attention", "overhead", "total", "queries", "keys"}`` of one global layer, as the op
+    reports them; ``op=None`` or an op that leaves this layer exact counts as dense."""
+    cost = layer_cost(op, layout, heads, head_dim, batch)
+    return {"attention": cost.attention, "overhead": cost.overhead, "total": cost.total,
+            "queries": cost.queries, "keys": cost.keys}
 
 
 def global_attention_flops(op: Any, geometry: Geometry) -> dict:
@@ -78,13 +74,6 @@ class _Recorder:
         return exact_attention(q, k, v, scale)
 
 
-def aggregate_fn(model: torch.nn.Module):
-    """The multi-view stage of a backbone: patch tokens ``[B, S, ...]`` + patch grid -> list of
-    layer outputs (VGGT: its ``aggregator``; pi3 / DA3: their ``aggregate`` method)."""
-    fn = getattr(model, "aggregate", None)
-    return fn if callable(fn) else model.aggregator
-
-
 def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
     """The same architecture on the meta device (via ``spark3r.models.build_model``)."""
     from spark3r.models import build_model
@@ -111,7 +100,7 @@ def _count(meta_model: torch.nn.Module, frames: int, height: int, width: int, sc
             if scope == "aggregator":
                 p = meta_model.config.patch_size
                 tokens = meta_model.encode_patches(images)
-                aggregate_fn(meta_model)(tokens, (height // p, width // p))
+                meta_model.aggregate(tokens, (height // p, width // p))
             else:
                 meta_model(images)
     finally:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .bench import PRESETS, SCOPES, config_from_preset, run_bench, summary_table
+from .runner import PRESETS, SCOPES, config_from_preset, run_bench, summary_table
 from .cli_args import add_method_arguments, method_params, parse_size
 
 
@@ -29,13 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--table", action="store_true", help="print a Markdown summary table to stderr")
     add_method_arguments(p)
-    from spark3r.eval.stream_bench import add_stream_arguments  # --stream: the node's pipeline (spark3r.eval)
+    from .stream import add_stream_arguments  # --stream: the node's pipeline
     add_stream_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.stream:
-        from spark3r.eval.stream_bench import run_stream_from_args
+        from .stream import run_stream_from_args
         return run_stream_from_args(args)
     overrides = {k: getattr(args, k) for k in ("model", "frames", "scope", "repeats", "flops_only", "threads",
                                                "device", "dtype", "checkpoint", "layer", "seed")}

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from .apply import METHODS
+from spark3r.accel.apply import METHODS
 
 
 def _parse_bool(text: str) -> bool:
