@@ -6,7 +6,12 @@ encoder's patch embeddings or any per-patch feature): tokens are centred on the 
 token (what every patch shares says nothing about *where* the camera is), pooled into a coarse
 ``grid x grid`` spatial layout (two views of a place agree on what is left, right, up, down),
 power-normalised (signed square root: a few strong patches must not dominate) and scaled to unit
-length, so the dot product of two descriptors is their cosine similarity in [-1, 1].
+length, so the dot product of two descriptors is their cosine similarity in [-1, 1]. Wide tokens
+(a ViT's 1024 channels) are first projected to ``max_channels`` by a fixed seeded random matrix
+(Johnson-Lindenstrauss: cosines are kept approximately), so a descriptor stays a few KB.
+
+:func:`frame_descriptors` applies it to a window's encoder tokens ``[S, N, C]`` (what
+``BackboneModel.encode_patches`` returns; leading non-patch tokens such as a CLS are skipped).
 
 :func:`image_tokens` makes such tokens from a raw image (small colour patches); it is what the
 test doubles use, and a fallback for backbones that expose no tokens.
@@ -20,29 +25,49 @@ import cv2
 import numpy as np
 
 DESCRIPTOR_GRID = 4
+DESCRIPTOR_MAX_CHANNELS = 256
 
 
-def place_descriptor(tokens: np.ndarray, grid: int = DESCRIPTOR_GRID) -> np.ndarray:
-    """Unit-length float32 descriptor ``[grid * grid * C]`` of one frame's tokens ``[h, w, C]``
-    (``h, w >= grid``)."""
+def _projection(channels: int, out: int) -> np.ndarray:
+    """The fixed ``[channels, out]`` random projection (same matrix in every process)."""
+    return np.random.default_rng([channels, out, 0x5EED]).normal(size=(channels, out)) / np.sqrt(out)
+
+
+def place_descriptor(tokens: np.ndarray, grid: int = DESCRIPTOR_GRID, max_channels: int = DESCRIPTOR_MAX_CHANNELS) -> np.ndarray:
+    """Unit-length float32 descriptor ``[grid * grid * min(C, max_channels)]`` of one frame's
+    tokens ``[h, w, C]`` (``h, w >= grid``)."""
     tokens = np.asarray(tokens, dtype=np.float64)
     if tokens.ndim != 3 or tokens.shape[0] < grid or tokens.shape[1] < grid or tokens.shape[2] < 1:
         raise ValueError(f"place_descriptor expects tokens [h, w, C] with h, w >= {grid}, got {tokens.shape}")
     if not np.all(np.isfinite(tokens)):
         raise ValueError("place_descriptor: tokens contain NaN or inf")
     h, w, C = tokens.shape
-    centred = tokens - tokens.reshape(-1, C).mean(axis=0)
+    flat = tokens.reshape(-1, C)
+    if C > max_channels:
+        flat = flat @ _projection(C, max_channels)
+    centred = flat - flat.mean(axis=0)
     rows = np.minimum((np.arange(h) * grid) // h, grid - 1)
     cols = np.minimum((np.arange(w) * grid) // w, grid - 1)
     cell = (rows[:, None] * grid + cols[None, :]).reshape(-1)
-    sums = np.zeros((grid * grid, C))
-    np.add.at(sums, cell, centred.reshape(-1, C))
-    pooled = sums / np.bincount(cell, minlength=grid * grid)[:, None]
+    assign = np.zeros((grid * grid, h * w))
+    assign[cell, np.arange(h * w)] = 1.0
+    pooled = (assign @ centred) / assign.sum(axis=1, keepdims=True)
     d = (np.sign(pooled) * np.sqrt(np.abs(pooled))).reshape(-1)
     norm = np.linalg.norm(d)
     if norm <= 0:
         return np.zeros(d.shape, np.float32)  # a uniform frame matches nothing
     return (d / norm).astype(np.float32)
+
+
+def frame_descriptors(tokens: np.ndarray, grid_hw: tuple[int, int], grid: int = DESCRIPTOR_GRID) -> np.ndarray:
+    """``[S, D]`` descriptors of a window's per-frame encoder tokens ``[S, N, C]`` whose last
+    ``grid_hw[0] * grid_hw[1]`` tokens are the patch grid in raster order."""
+    tokens = np.asarray(tokens)
+    gh, gw = grid_hw
+    if tokens.ndim != 3 or tokens.shape[1] < gh * gw:
+        raise ValueError(f"frame_descriptors expects tokens [S, N >= {gh * gw}, C], got {tokens.shape}")
+    patches = tokens[:, tokens.shape[1] - gh * gw:, :]
+    return np.stack([place_descriptor(p.reshape(gh, gw, -1), grid) for p in patches])
 
 
 def image_tokens(image: np.ndarray, patches: tuple[int, int] = (12, 16), patch: int = 4) -> np.ndarray:
