@@ -176,3 +176,31 @@ def test_backend_parameters_have_docs_ranges_and_exact_names():
                 {"loop_closure": "yes"}, {"keyframe_points": 3}, {"store_keyframes_in_memory": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MapperConfig.from_flat(bad)
+
+
+def test_unusable_descriptors_are_dropped_and_counted_not_fatal():
+    from spark3r.mapping import Frame, KeyframeConfig, MapConfig, Mapper, WindowConfig
+    from spark3r.mapping.testing import DriftingBackbone, loop_sequence
+
+    seq = loop_sequence(num_frames=12)
+
+    class WidthChange(DriftingBackbone):
+        """Descriptors change dimension after the first window (as after a new network width)."""
+
+        def predict(self, window):
+            pred = super().predict(window)
+            if len(self.window_frames) > 1:
+                pred.descriptors = np.ones((len(window), 5), np.float32)
+            return pred
+
+    cfg = MapperConfig(keyframe=KeyframeConfig(min_parallax_px=0.0, min_time_gap_s=0.0),
+                       window=WindowConfig(window_size=6, window_stride=3), map=MapConfig(voxel_size=0.05))
+    m = Mapper(cfg, WidthChange(seq, seed=0))
+    for i in range(12):
+        m.offer(Frame(seq.images[i], int(seq.stamps_ns[i]), seq.K))
+        while m.process_pending() is not None:
+            pass
+    st = m.stats
+    assert st.windows_mapped == st.windows == 3 and st.descriptors_dropped == 6
+    ids, D = m.store.descriptors()
+    assert len(ids) == 6 and np.allclose(np.linalg.norm(D, axis=1), 1.0, atol=1e-5)

@@ -202,6 +202,11 @@ class KeyframeStore:
         self._desc_segment[self._desc_count] = segment
         self._desc_count += 1
 
+    @property
+    def descriptor_dim(self) -> Optional[int]:
+        """Dimension of the stored descriptors (None while there is none)."""
+        return int(self._desc.shape[1]) if self._desc_count else None
+
     def descriptors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids ``[M]``, descriptors ``[M, D]``) of every keyframe that has one, oldest first
         (views, not copies)."""

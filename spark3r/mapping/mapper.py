@@ -142,6 +142,7 @@ class MapperStats:
     loops_rejected: int = 0
     loop_rejections: dict = field(default_factory=dict)    # reason -> count
     loop_verification_errors: int = 0                      # backbone failures on a verification window
+    descriptors_dropped: int = 0                           # place descriptors unusable (zero, or not the store's dimension)
     graph_nodes: int = 0
     graph_factors: int = 0
     last_optimisation_s: float = 0.0
@@ -351,7 +352,7 @@ class Mapper:
     def map_started(self) -> bool:
         return any(s.mapped for s in self._window)
 
-    def map_to_odom(self) -> np.ndarray:
+    def map_to_odom(self) -> np.ndarray:  # may wait for a running window (the worker lock)
         """Rigid 4x4 ``map <- odom`` correction at the newest keyframe: the map pose the back end
         gives it times the inverse of its odometry pose (the front end's chain of window
         alignments, never optimised and continuous across loop closures). Identity before the
@@ -765,7 +766,7 @@ class Mapper:
             local, rgb = self._keyframe_points(slot, n_points)
             valid = slot.depth[np.isfinite(slot.depth) & (slot.depth > 0)]
             median = float(np.median(valid)) if valid.size else 1.0
-            descriptor = None if descriptors is None else np.asarray(descriptors[i], np.float32)
+            descriptor = self._usable_descriptor(None if descriptors is None else descriptors[i])
             stored = StoredKeyframe(
                 id=slot.keyframe.id, stamp_ns=slot.keyframe.stamp_ns, segment=self._segment, window_index=self._window_index,
                 K=np.asarray(slot.K, np.float64), camera_info_K=slot.keyframe.K, pose=slot.pose, odom_pose=to_odom @ slot.pose,
@@ -779,6 +780,20 @@ class Mapper:
         rgb = np.concatenate(rgb_all).astype(np.uint8) if rgb_all else np.zeros((0, 3), np.uint8)
         self.voxel_map.insert(xyz, rgb)
         return xyz, rgb
+
+    def _usable_descriptor(self, descriptor) -> Optional[np.ndarray]:
+        """The descriptor scaled to unit length, or None (counted) if it cannot be searched with
+        the store's (another dimension, e.g. after a change of network width, or all zeros)."""
+        if descriptor is None:
+            return None
+        d = np.asarray(descriptor, np.float32).reshape(-1)
+        norm = float(np.linalg.norm(d))
+        dim = self.store.descriptor_dim
+        if norm <= 0 or (dim is not None and d.shape[0] != dim):
+            with self._read_lock:
+                self._stats.descriptors_dropped += 1
+            return None
+        return d / norm
 
     def _geometry(self, keyframe_id: int) -> KeyframeGeometry:
         f = self.store[keyframe_id]
@@ -1013,6 +1028,9 @@ class Mapper:
         if descriptor is None or not len(self.store):
             return False
         if self._odom_to_map is not None and self._live_since_reloc < cfg.loop_cooldown_keyframes:
+            return False
+        descriptor = self._usable_descriptor(descriptor)
+        if descriptor is None:
             return False
         slot = self._window[slot_index]
         local, _ = self._keyframe_points(slot, min(self.config.map.max_points_per_keyframe, cfg.keyframe_points))
