@@ -313,7 +313,7 @@ class BackendConfig:
              "this fraction of the path length between them (rotation: this many radians per median scene depth of "
              "path, at least 0.3 rad)", range=(1e-6, 100.0))
     loop_cooldown_keyframes: int = param(
-        3, "after an accepted loop, no new loop search for this many keyframes (localization-only: relocalize every "
+        10, "after an accepted loop, no new loop search for this many keyframes (localization-only: relocalize every "
            "this many keyframes)", range=(0, 100000000))
 
     def __post_init__(self) -> None:

@@ -879,10 +879,11 @@ class Mapper:
         for kid in ids:
             del self._stale_cache[kid]
             f = self.store[kid]
-            old_xyz, rgb = self.store.map_points(kid, f.cached_pose)
-            removed.append(old_xyz)
-            added.append(self.store.map_points(kid, f.pose)[0])
-            colours.append(rgb)
+            payload = self.store.payload(kid)  # one read, even for a keyframe spilled to disk
+            local = payload.xyz.astype(np.float64)
+            removed.append(f.cached_pose.apply(local))
+            added.append(f.pose.apply(local))
+            colours.append(payload.rgb)
             f.cached_pose = f.pose
         rgb = np.concatenate(colours)
         self.voxel_map.remove(np.concatenate(removed), rgb)

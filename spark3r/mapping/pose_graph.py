@@ -81,7 +81,7 @@ class PoseGraph:
     def _params() -> "gtsam.ISAM2Params":
         p = gtsam.ISAM2Params()
         p.setRelinearizeThreshold(0.01)
-        p.relinearizeSkip = 1
+        p.relinearizeSkip = 10  # gtsam's default: relinearisation checks are not free on a long graph
         return p
 
     # ------------------------------------------------------------------ building
@@ -178,7 +178,7 @@ class PoseGraph:
         self._pending_graph = gtsam.NonlinearFactorGraph()
         self._pending_values = gtsam.Values()
 
-    def update_after_loop(self, keys: Optional[Iterable[int]] = None, iterations: int = 4) -> dict[int, Sim3]:
+    def update_after_loop(self, keys: Optional[Iterable[int]] = None, iterations: int = 2) -> dict[int, Sim3]:
         """Incremental step with a new loop factor: iSAM2 re-eliminates only the part of the
         Bayes tree between the loop's ends; a few extra iterations let its relinearisation
         follow a large correction. Returns the new estimates of ``keys`` (the nodes the loop
