@@ -3,7 +3,6 @@ test double: the session written by one run is loaded by the next, which in loca
 mode leaves the loaded map as it was."""
 import json
 
-import numpy as np
 import pytest
 
 from spark3r.data.io import read_ply

@@ -46,10 +46,10 @@ from .config import MapperConfig
 from .frames import Frame, Keyframe, usable_intrinsics
 from .keyframe_store import KeyframePayload, KeyframeStore, StoredKeyframe, sim3_displacement_bound
 from .keyframes import REJECT_TIME_BACKWARDS, KeyframeDecision, KeyframeGate
-from .loop_closure import (ACCEPTED, REJECT_GRAPH, REJECT_PREDICTION, KeyframeGeometry, depth_scale, graph_discrepancy,
+from .loop_closure import (REJECT_GRAPH, REJECT_PREDICTION, KeyframeGeometry, LoopCheck, depth_scale, graph_discrepancy,
                            verify_pair, window_node)
 from .place_recognition import search_places
-from .points import cell_rays, confident_mask, lookup_cells, sample_image, subsample_indices, unproject_cells
+from .points import confident_mask, lookup_cells, sample_image, subsample_indices, unproject_cells
 from .pose_graph import FACTOR_LOOP, FACTOR_WINDOW, FactorRecord, PoseGraph
 from .voxel_map import VoxelMap
 
@@ -988,8 +988,6 @@ class Mapper:
                 query_keyframe: Optional[Keyframe] = None, query_neighbour: Optional[Keyframe] = None):
         """Run the backbone on [candidate, its successor, the query's predecessor, query] and
         check the pair geometrically (:func:`~spark3r.mapping.loop_closure.verify_pair`)."""
-        from .loop_closure import LoopCheck
-
         if query_keyframe is None:
             query_keyframe = self.store.keyframe(query_id)
             previous = self.store.id_at(self.store.index_of(query_id) - 1)
@@ -997,6 +995,7 @@ class Mapper:
         frames = self._verification_window(candidate_id, query_keyframe, query_neighbour)
         pred, problem = self._predict_checked(frames)
         if pred is None:
+            log.warning("loop verification window dropped: %s", problem)
             with self._read_lock:
                 self._stats.loop_verification_errors += 1
             return LoopCheck(False, REJECT_PREDICTION)
