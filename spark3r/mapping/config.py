@@ -271,7 +271,7 @@ class BackendConfig:
     """The SLAM back end: keyframe store, Sim(3) pose graph, loop closure (README "SLAM back end")."""
 
     pose_graph: bool = param(
-        True, "optimise keyframe poses in a Sim(3) pose graph (gtsam iSAM2) fed by every window; false = plain "
+        True, "optimise keyframe poses in a Sim(3) pose graph (gtsam, windowed Levenberg-Marquardt) fed by every window; false = plain "
               "sliding-window odometry (a keyframe's pose is frozen when mapped, tracking loss restarts the map)")
     graph_rotation_sigma_deg: float = param(
         1.0, "standard deviation (degrees) of a window's relative rotation between two keyframes at zero alignment "

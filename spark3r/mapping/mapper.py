@@ -595,7 +595,7 @@ class Mapper:
         if backend:
             xyz, rgb = self._store_new_keyframes(pred, new_idx, reference, new_segment or starts_map)
             self._add_window_factors(c2w, depth, box, to_map, residual, inlier_fraction)
-            self._apply_estimates(self.graph.update())
+            self._apply_estimates(self.graph.update(s.keyframe.id for s in self._window if s.keyframe.id in self.store))
         else:
             xyz_all, rgb_all = [], []
             for i in new_idx:

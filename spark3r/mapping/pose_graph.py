@@ -12,9 +12,13 @@ Segments: a graph component with its own anchor (a tight prior on its first node
 loss starts a new segment; a verified link to an older segment merges the two and drops the
 newer anchor, so the link moves the whole newer segment into place.
 
-Optimisation: incremental iSAM2 after every window and after a loop (cost bounded by the part of
-the Bayes tree the new factors touch, not the map's size); only a segment merge (a removed
-anchor, rare) runs a batch Levenberg-Marquardt over the whole graph and restarts iSAM2 from it.
+Optimisation is windowed, so its cost per keyframe does not grow with the map: after a window,
+Levenberg-Marquardt over the window's keyframes with every node they are linked to held fixed
+(tight priors); after a loop, the same over the loop's span (the keyframes from the candidate to
+the current one), which moves the whole span and leaves older keyframes where they are. Only a
+segment merge (tracking regained after a loss, rare) optimises the whole graph. (Incremental
+iSAM2 was measured too: on a stream that revisits the same places lap after lap its Bayes tree
+grows cliques as wide as a lap and its cost per keyframe grows with the map.)
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from .alignment import Sim3
 FACTOR_WINDOW = "window"
 FACTOR_LOOP = "loop"
 ANCHOR_SIGMA = 1e-6
+LOCAL_ITERATIONS = 20
 
 
 def to_gtsam(T: Sim3) -> "gtsam.Similarity3":
@@ -67,22 +72,16 @@ class PoseGraph:
         self.clear()
 
     def clear(self) -> None:
-        self._isam = gtsam.ISAM2(self._params())
-        self._values: dict[int, Sim3] = {}          # latest estimate of every node
+        self._values: dict[int, Sim3] = {}          # current estimate of every node
         self._factors: list[FactorRecord] = []
+        self._factors_of: dict[int, list[int]] = {}  # node -> indices into _factors
         self._anchors: dict[int, Sim3] = {}          # node -> anchored pose (one per live segment)
         self._segment_of: dict[int, int] = {}        # node -> segment id
         self._segment_parent: dict[int, int] = {}    # union-find over segments
-        self._reset_pending()
+        self._pending: list[int] = []                # nodes added since the last optimisation
+        self._last_problem = None                    # (graph, values, keys) of the last optimisation, for marginals
         self.last_optimisation_s = 0.0
         self.optimisations = 0
-
-    @staticmethod
-    def _params() -> "gtsam.ISAM2Params":
-        p = gtsam.ISAM2Params()
-        p.setRelinearizeThreshold(0.01)
-        p.relinearizeSkip = 10  # gtsam's default: relinearisation checks are not free on a long graph
-        return p
 
     # ------------------------------------------------------------------ building
 
@@ -129,23 +128,25 @@ class PoseGraph:
         self._values[key] = initial
         self._segment_of[key] = segment
         self._segment_parent.setdefault(segment, segment)
-        self._pending_values.insert(key, to_gtsam(initial))
+        self._factors_of[key] = []
+        self._pending.append(key)
         if anchor:
             self._anchors[key] = initial
-            self._pending_graph.add(gtsam.PriorFactorSimilarity3(key, to_gtsam(initial), gtsam.noiseModel.Isotropic.Sigma(7, ANCHOR_SIGMA)))
 
     def add_between(self, record: FactorRecord) -> None:
         for k in (record.i, record.j):
             if k not in self._values:
                 raise KeyError(f"pose graph has no node {k}")
         self._factors.append(record)
-        self._pending_graph.add(gtsam.BetweenFactorSimilarity3(record.i, record.j, to_gtsam(record.measured),
-                                                               _noise(record.kind, record.sigmas)))
+        index = len(self._factors) - 1
+        self._factors_of[record.i].append(index)
+        if record.j != record.i:
+            self._factors_of[record.j].append(index)
 
     def merge_segments(self, key_a: int, key_b: int) -> bool:
         """A verified link joins the segments of two nodes: the younger segment (higher id)
         loses its anchor. Returns True if two different segments were merged; the caller then
-        adds the link and calls :meth:`optimise_all` (which rebuilds iSAM2 without the anchor)."""
+        adds the link and calls :meth:`optimise_all`."""
         a, b = self.segment(key_a), self.segment(key_b)
         if a == b:
             return False
@@ -157,82 +158,67 @@ class PoseGraph:
 
     # ------------------------------------------------------------------ optimisation
 
-    def update(self) -> dict[int, Sim3]:
-        """Incremental step with everything added since the last call. Returns the new estimates
-        of the nodes the new factors touch (the ones a caller needs to refresh)."""
-        if self._pending_graph.size() == 0 and self._pending_values.size() == 0:
+    def update(self, keys: Optional[Iterable[int]] = None) -> dict[int, Sim3]:
+        """Optimise ``keys`` (default: the nodes added since the last optimisation) with every
+        node they are linked to held fixed. Returns their new estimates. Cost: the number of
+        keys and their factors, not the graph's size."""
+        keys = list(self._pending) if keys is None else [int(k) for k in keys if k in self._values]
+        self._pending = []
+        if not keys:
             return {}
-        t0 = time.perf_counter()
-        touched = set(self._pending_values.keys())
-        for k in range(self._pending_graph.size()):
-            touched.update(self._pending_graph.at(k).keys())
-        self._isam.update(self._pending_graph, self._pending_values)
-        self._reset_pending()
-        estimate = {int(key): from_gtsam(self._isam.calculateEstimateSimilarity3(key)) for key in touched}
-        self._values.update(estimate)
-        self.last_optimisation_s = time.perf_counter() - t0
-        self.optimisations += 1
-        return estimate
+        return self._optimise(keys)
 
-    def _reset_pending(self) -> None:
-        self._pending_graph = gtsam.NonlinearFactorGraph()
-        self._pending_values = gtsam.Values()
-
-    def update_after_loop(self, keys: Optional[Iterable[int]] = None, iterations: int = 2) -> dict[int, Sim3]:
-        """Incremental step with a new loop factor: iSAM2 re-eliminates only the part of the
-        Bayes tree between the loop's ends; a few extra iterations let its relinearisation
-        follow a large correction. Returns the new estimates of ``keys`` (the nodes the loop
-        spans; None = all); the others are read back by :meth:`refresh`."""
-        t0 = time.perf_counter()
-        self.update()
-        for _ in range(iterations):
-            self._isam.update()
-        estimate = self._read(keys)
-        self.last_optimisation_s = time.perf_counter() - t0
-        return estimate
+    def update_after_loop(self, keys: Iterable[int]) -> dict[int, Sim3]:
+        """After a loop factor: optimise the loop's span ``keys`` (from the candidate to the
+        current keyframe), older linked nodes held fixed."""
+        return self.update(keys)
 
     def refresh(self) -> dict[int, Sim3]:
-        """Every node's current estimate (O(nodes); for the end of a run or a save)."""
-        return self._read(None)
-
-    def _read(self, keys: Optional[Iterable[int]]) -> dict[int, Sim3]:
-        if keys is None:
-            values = self._isam.calculateEstimate()
-            estimate = {k: from_gtsam(values.atSimilarity3(k)) for k in self._values}
-        else:
-            estimate = {int(k): from_gtsam(self._isam.calculateEstimateSimilarity3(int(k))) for k in keys if k in self._values}
-        self._values.update(estimate)
-        return estimate
+        """Every node's current estimate."""
+        return dict(self._values)
 
     def optimise_all(self, max_iterations: int = 50) -> dict[int, Sim3]:
-        """Batch Levenberg-Marquardt over the whole graph (after a loop or a segment merge), then
-        iSAM2 restarts from the optimum. Returns every node's estimate."""
+        """Levenberg-Marquardt over the whole graph (after a segment merge). Returns every node's
+        estimate."""
+        self._pending = []
+        return self._optimise(list(self._values), max_iterations)
+
+    def _optimise(self, keys: list[int], max_iterations: int = LOCAL_ITERATIONS) -> dict[int, Sim3]:
         t0 = time.perf_counter()
-        graph, initial = self._full_graph()
+        inside = set(keys)
+        graph = gtsam.NonlinearFactorGraph()
+        initial = gtsam.Values()
+        fixed: set[int] = set()
+        used: set[int] = set()
+        for k in keys:
+            for index in self._factors_of[k]:
+                if index in used:
+                    continue
+                used.add(index)
+                r = self._factors[index]
+                fixed.update(n for n in (r.i, r.j) if n not in inside)
+                graph.add(gtsam.BetweenFactorSimilarity3(r.i, r.j, to_gtsam(r.measured), _noise(r.kind, r.sigmas)))
+        tight = gtsam.noiseModel.Isotropic.Sigma(7, ANCHOR_SIGMA)
+        for k in fixed:
+            graph.add(gtsam.PriorFactorSimilarity3(k, to_gtsam(self._values[k]), tight))
+        for k in inside:
+            if k in self._anchors:
+                graph.add(gtsam.PriorFactorSimilarity3(k, to_gtsam(self._anchors[k]), tight))
+        if not fixed and not any(k in self._anchors for k in inside):
+            # A component with neither anchor nor fixed neighbour: hold its oldest node.
+            first = min(inside)
+            graph.add(gtsam.PriorFactorSimilarity3(first, to_gtsam(self._values[first]), tight))
+        for k in inside | fixed:
+            initial.insert(k, to_gtsam(self._values[k]))
         params = gtsam.LevenbergMarquardtParams()
         params.setMaxIterations(max_iterations)
         result = gtsam.LevenbergMarquardtOptimizer(graph, initial, params).optimize()
-        self._values = {k: from_gtsam(result.atSimilarity3(k)) for k in self._values}
-        self._restart_isam(graph, result)
+        estimate = {k: from_gtsam(result.atSimilarity3(k)) for k in keys}
+        self._values.update(estimate)
+        self._last_problem = (graph, result, inside)
         self.last_optimisation_s = time.perf_counter() - t0
         self.optimisations += 1
-        return dict(self._values)
-
-    def _full_graph(self):
-        graph = gtsam.NonlinearFactorGraph()
-        initial = gtsam.Values()
-        for key, value in self._values.items():
-            initial.insert(key, to_gtsam(value))
-        for key, pose in self._anchors.items():
-            graph.add(gtsam.PriorFactorSimilarity3(key, to_gtsam(pose), gtsam.noiseModel.Isotropic.Sigma(7, ANCHOR_SIGMA)))
-        for r in self._factors:
-            graph.add(gtsam.BetweenFactorSimilarity3(r.i, r.j, to_gtsam(r.measured), _noise(r.kind, r.sigmas)))
-        return graph, initial
-
-    def _restart_isam(self, graph, values) -> None:
-        self._isam = gtsam.ISAM2(self._params())
-        self._isam.update(graph, values)
-        self._reset_pending()
+        return estimate
 
     def estimate(self, key: int) -> Sim3:
         return self._values[key]
@@ -243,9 +229,12 @@ class PoseGraph:
         return {k: self._values[k] for k in keys if k in self._values}
 
     def marginal_covariance(self, key: int) -> Optional[np.ndarray]:
-        """7x7 marginal covariance of a node in its tangent space (rotation, translation,
-        log-scale), or None if iSAM2 cannot give one yet."""
+        """7x7 covariance of a node in its tangent space (rotation, translation, log-scale) from
+        the last optimisation that moved it (relative to the nodes held fixed there), or None."""
+        if self._last_problem is None or key not in self._last_problem[2]:
+            return None
+        graph, result, _ = self._last_problem
         try:
-            return np.asarray(self._isam.marginalCovariance(key))
-        except Exception:
+            return np.asarray(gtsam.Marginals(graph, result).marginalCovariance(key))
+        except Exception:  # gtsam raises on an indeterminate system
             return None

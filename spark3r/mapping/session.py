@@ -152,5 +152,5 @@ def read_session(directory, keep_in_memory: int = 0) -> tuple[KeyframeStore, Pos
     for r in range(len(gr["i"])):
         graph.add_between(FactorRecord(int(gr["i"][r]), int(gr["j"][r]), Sim3.from_matrix(gr["measured"][r]), gr["sigmas"][r].copy(),
                                        _KINDS[int(kinds[r])]))
-    graph.update()
+    graph.update([])  # the loaded values are the optimum already
     return store, graph, int(manifest.get("window_index", 0))
