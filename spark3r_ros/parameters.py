@@ -4,7 +4,7 @@ Every parameter's default, description, range and step live in one place, the fi
 config dataclass (:mod:`spark3r.mapping.config`); this module only turns those
 :class:`~spark3r.mapping.config.ParamSpec` s into ROS ``ParameterDescriptor`` s and the declared
 values back into the configs. Sections, in declaration order: backbone (``BackboneConfig`` and
-the reduction method's ``reduction.<name>``), keyframe gate, window, map, outputs
+the reduction method's ``reduction.<name>``), keyframe gate, window, map, back end, outputs
 (``OutputConfig``) and the node's own (:class:`NodeConfig`).
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from spark3r.mapping.config import (BackboneConfig, KeyframeConfig, MapConfig, MapperConfig, OutputConfig, ParamSpec,
-                                    WindowConfig, check_fields, param, parameter_specs, reduction_parameter_specs)
+from spark3r.mapping.config import (BackboneConfig, BackendConfig, KeyframeConfig, MapConfig, MapperConfig, OutputConfig,
+                                    ParamSpec, WindowConfig, check_fields, param, parameter_specs, reduction_parameter_specs)
 
 
 @dataclass
@@ -38,7 +38,8 @@ def all_parameter_specs() -> dict[str, ParamSpec]:
     """Every parameter the node declares, in declaration order: ``{name: ParamSpec}``."""
     specs: dict[str, ParamSpec] = {}
     sections = (parameter_specs(BackboneConfig), reduction_parameter_specs(), parameter_specs(KeyframeConfig),
-                parameter_specs(WindowConfig), parameter_specs(MapConfig), parameter_specs(OutputConfig),
+                parameter_specs(WindowConfig), parameter_specs(MapConfig), parameter_specs(BackendConfig),
+                parameter_specs(OutputConfig),
                 parameter_specs(NodeConfig))
     for section in sections:
         overlap = set(section) & set(specs)
@@ -99,6 +100,7 @@ _SECTIONS = (
     ("keyframe gate", lambda: parameter_specs(KeyframeConfig)),
     ("sliding window and alignment", lambda: parameter_specs(WindowConfig)),
     ("point extraction and voxel map", lambda: parameter_specs(MapConfig)),
+    ("SLAM back end: keyframe store, pose graph, loop closure", lambda: parameter_specs(BackendConfig)),
     ("frames, TF (REP-105) and path", lambda: parameter_specs(OutputConfig)),
     ("input, map rate, services", lambda: parameter_specs(NodeConfig)),
 )

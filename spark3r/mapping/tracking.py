@@ -8,7 +8,13 @@ Tracking state (the node reports it on ``/diagnostics`` as ``tracking_state``):
   (too few shared keyframes, residual or inliers out of bounds) or the backbone's output was
   dropped (non-finite, invalid, an exception). It stays ``LOST`` until a window is mapped again
   (aligned once more, or restarting the map when no keyframe of the map is left in the window).
-  The SLAM back end adds ``RELOCALIZED``.
+* ``RELOCALIZED`` (SLAM back end, ``MapperStats.tracking_state``): the last window re-linked a
+  lost graph segment to the map (or, localization-only, found the loaded map); ``OK`` again
+  after the next mapped window.
+
+With the back end on (``backend.pose_graph``), ``LOST`` also means a window that could not be
+linked to the map started a new graph segment that runs unlinked until relocalization. These
+constants are the only spelling of the states (the mapper and the composer import them).
 
 Pose covariance of a mapped keyframe (6x6, ROS order x, y, z, rotation about x, y, z; isotropic,
 so the same in any frame). A window's poses are as good as its alignment to the map:
@@ -41,6 +47,7 @@ import numpy as np
 TRACKING_INITIALIZING = "INITIALIZING"
 TRACKING_OK = "OK"
 TRACKING_LOST = "LOST"
+TRACKING_RELOCALIZED = "RELOCALIZED"
 
 LOST_VARIANCE = 9999.0      # rtabmap's value for an unknown pose
 ERROR_FLOOR = 0.01          # relative error of a perfectly aligned window (1% of the depth)

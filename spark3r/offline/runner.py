@@ -32,6 +32,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,18 +54,18 @@ PNG_MAX = 65535
 
 
 class RecordingBackbone:
-    """Wraps a backbone and keeps its last prediction, so per-keyframe depth and confidence can
-    be saved for the keyframes each window maps (the mapper keeps them private)."""
+    """Wraps a backbone and keeps its recent predictions, so per-keyframe depth and confidence
+    can be saved for the keyframes each window maps (the mapper keeps them private). The back
+    end also runs the backbone on loop-verification windows; :meth:`covering` picks the mapping
+    window among them."""
 
     def __init__(self, backbone):
         self.inner = backbone
-        self.last_window_ids: tuple[int, ...] = ()
-        self.last_prediction = None
+        self._recent: deque = deque(maxlen=8)   # (window ids, prediction), newest last
         self.calls = 0
         self.last_latency_s: Optional[float] = None  # wall time of the last call, also a failed one
 
     def predict(self, window):
-        self.last_prediction = None
         self.calls += 1
         self.last_latency_s = None
         t0 = time.monotonic()
@@ -72,9 +73,17 @@ class RecordingBackbone:
             prediction = self.inner.predict(window)
         finally:
             self.last_latency_s = time.monotonic() - t0
-        self.last_window_ids = tuple(kf.id for kf in window)
-        self.last_prediction = prediction
+        self._recent.append((tuple(kf.id for kf in window), prediction))
         return prediction
+
+    def covering(self, keyframe_ids) -> tuple[tuple[int, ...], object]:
+        """The newest prediction whose window holds all of ``keyframe_ids``: ``(ids, prediction)``
+        or ``((), None)``."""
+        wanted = set(keyframe_ids)
+        for ids, prediction in reversed(self._recent):
+            if wanted <= set(ids):
+                return ids, prediction
+        return (), None
 
     def forget(self, keyframe_ids) -> None:
         forget = getattr(self.inner, "forget", None)
@@ -196,8 +205,7 @@ class _Run:
     windows: list = field(default_factory=list)
 
     def save_window(self, result: WindowResult) -> None:
-        pred = self.recorder.last_prediction
-        ids = self.recorder.last_window_ids
+        ids, pred = self.recorder.covering([kf.id for kf in result.keyframes])
         if result.keyframes:
             self.bag.write_window(self.composer.compose_window(result))
         for kf in result.keyframes:
@@ -280,12 +288,19 @@ def _summary(values: list[float]) -> dict:
 
 def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, backbone_info: Optional[dict] = None,
             overwrite: bool = False, progress: Optional[TextIO] = None, max_frames: Optional[int] = None,
-            live_progress: bool = True, progress_interval_s: float = 30.0) -> dict:
+            live_progress: bool = True, progress_interval_s: float = 30.0,
+            load_session=None, localization_only: bool = False, save_session=None) -> dict:
     """Map every frame of ``source`` with ``Mapper(config, backbone)`` and write the outputs to
     ``out_dir`` (see the module docstring). Returns the report. Ctrl-C / SIGTERM
     (KeyboardInterrupt) ends the run early with valid partial outputs; other errors leave nothing
     at ``out_dir``. ``progress``: stream for progress (None: none), a live line when
-    ``live_progress`` else a plain line every ``progress_interval_s`` seconds."""
+    ``live_progress`` else a plain line every ``progress_interval_s`` seconds.
+
+    Sessions (:mod:`spark3r.mapping.session`): ``load_session`` starts from a saved map (and,
+    with ``localization_only``, only localizes in it); ``save_session`` writes the session
+    at the end (its own atomic directory)."""
+    if localization_only and load_session is None:
+        raise ValueError("localization-only mode needs a session to localize in (--load-session)")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists; choose another --out or pass --overwrite")
@@ -304,7 +319,8 @@ def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, ba
         raise type(exc)(f"cannot create {out}: {exc.strerror or exc}") from None
     try:
         with _graceful_interrupt() as stop, _logs_beside(reporter):
-            report = _map_into(source, staging, config, backbone, backbone_info, reporter, max_frames, stop)
+            report = _map_into(source, staging, config, backbone, backbone_info, reporter, max_frames, stop,
+                               load_session, localization_only, save_session)
             if out.exists():
                 old = temp_sibling(out)
                 os.replace(out, old)
@@ -345,9 +361,12 @@ def _drop_counts(mapper: Mapper) -> dict:
 
 
 def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbone, backbone_info, progress: Progress,
-              max_frames, stop: _StopFlag) -> dict:
+              max_frames, stop: _StopFlag, load_session=None, localization_only: bool = False,
+              save_session=None) -> dict:
     recorder = RecordingBackbone(backbone)
     mapper = Mapper(config, recorder, base_to_camera=source.base_to_camera)
+    if load_session is not None:
+        mapper.load_session(load_session, localization_only=localization_only)
     (staging / "keyframes").mkdir()
     # The live node's default frames and TF policy (it owns odometry), with the input's base frame.
     try:
@@ -417,6 +436,8 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         bag.abort()
         raise
     mapper.save(staging)
+    if save_session is not None:
+        mapper.save_session(save_session)
     with atomic_write(staging / "keyframes.json", "w") as fh:
         strict_json.dump({"frame": "map", "depth_units": "map units (= metres only for a metric backbone)",
                           "keyframes": run.keyframes}, fh, indent=1)
