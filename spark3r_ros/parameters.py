@@ -19,7 +19,7 @@ from spark3r.mapping.config import (BackboneConfig, BackendConfig, KeyframeConfi
 
 @dataclass
 class NodeConfig:
-    """Parameters of the node itself: input transport, queue, map rate, save folder."""
+    """Parameters of the node itself: input transport, queue, map rate, save/load folders, localization mode."""
 
     image_transport: str = param("raw", "'raw' subscribes sensor_msgs/Image on 'image', 'compressed' CompressedImage on "
                                         "'image/compressed'", choices=("raw", "compressed"))
@@ -27,8 +27,13 @@ class NodeConfig:
                                 "is dropped (counted)", range=(1, 1000))
     map_publish_period: float = param(2.0, "minimum seconds between two ~/map publications (0 = after every window)",
                                       range=(0.0, 3600.0))
-    save_directory: str = param("~/.ros/spark3r_maps", "where ~/save_map writes map.ply and trajectory.tum",
+    save_directory: str = param("~/.ros/spark3r_maps", "where ~/save_map writes map.ply, trajectory.tum and (with "
+                                                      "pose_graph) the loadable session in <save_directory>/session",
                                 non_empty=True)
+    load_directory: str = param("", "a map saved by ~/save_map (its folder or its session/ folder) that ~/load_map "
+                                    "loads; when set, also loaded at start-up (empty = start with an empty map)")
+    localization_only: bool = param(False, "with a loaded map: only relocalize in it and publish map -> odom, never "
+                                           "extend it (new keyframes are tracked but not added)")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -93,6 +93,35 @@ def twist_covariance(pose_cov: np.ndarray, dt_s: float) -> np.ndarray:
     return np.asarray(pose_cov, dtype=np.float64) * (2.0 / dt_s ** 2)
 
 
+def ros_pose_covariance(cov_rotation_first: np.ndarray) -> np.ndarray:
+    """A pose-graph marginal in tangent order (rotation about x, y, z, then translation;
+    ``Mapper.pose_covariance``) in ROS order (x, y, z, then rotation about x, y, z).
+    ``LOST_VARIANCE`` on the diagonal when it is unusable (non-finite, or already that large)."""
+    cov = np.asarray(cov_rotation_first, dtype=np.float64)
+    if cov.shape != (6, 6) or not np.all(np.isfinite(cov)) or np.max(np.diag(cov)) >= LOST_VARIANCE:
+        return lost_covariance()
+    order = [3, 4, 5, 0, 1, 2]
+    return cov[np.ix_(order, order)]
+
+
+def rotate_covariance(cov: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """A 6x6 (translation, rotation) covariance expressed in a frame rotated by ``R``
+    (``R`` maps the old frame's axes into the new one); an unknown (lost) one stays as it is."""
+    cov = np.asarray(cov, dtype=np.float64)
+    if np.max(np.diag(cov)) >= LOST_VARIANCE:
+        return cov
+    J = np.zeros((6, 6))
+    J[:3, :3] = J[3:, 3:] = np.asarray(R, dtype=np.float64)
+    return J @ cov @ J.T
+
+
+def poses_moved(before, after) -> bool:
+    """True when, between two ``MapperStats`` snapshots, the back end moved poses it had already
+    given (an accepted loop closure or a relocalization that re-linked a segment)."""
+    return (getattr(after, "loops_accepted", 0) > getattr(before, "loops_accepted", 0)
+            or getattr(after, "relocalizations", 0) > getattr(before, "relocalizations", 0))
+
+
 def window_failed(before, after, result) -> bool:
     """True when, between two ``MapperStats`` snapshots around one ``process_pending`` call, the
     backbone ran on a window that gave no poses (not one discarded because of a reset)."""
@@ -114,6 +143,17 @@ class TrackingMonitor:
 
     def mapped(self) -> None:
         self.state, self.lost_windows = TRACKING_OK, 0
+
+    def adopt(self, state: str) -> None:
+        """The SLAM back end's state after a mapped window (it may be ``LOST``: a new segment
+        runs unlinked, or ``RELOCALIZED``)."""
+        if state == TRACKING_LOST:
+            if self.state != TRACKING_LOST:
+                self.losses += 1
+            self.lost_windows += 1
+        else:
+            self.lost_windows = 0
+        self.state = state
 
     def failed(self) -> bool:
         """A window gave no poses; True if that means tracking is lost (a map exists)."""
