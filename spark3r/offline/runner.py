@@ -8,7 +8,8 @@ Output directory (appears atomically; ``report.json`` says whether the run was c
   ``keyframes/<stamp>_conf.png`` 16-bit confidence (value * ``conf_scale``); ``keyframes.json``
   lists them with scales, intrinsics and the depth grid's image box
 * ``mapping.bag/``     rosbag2 mcap with /tf, /tf_static, odometry, path, clouds, named as the
-  live node publishes them (see map_bag.py)
+  live node publishes them (see map_bag.py; after a loop closure or relocalization, the corrected
+  path and the rebuilt map, as the node republishes them)
 * ``report.json``      input, timings, drops, scales, alignment residuals, ``"complete"`` and
   ``"interrupted"`` flags
 
@@ -44,7 +45,8 @@ from spark3r.data import strict_json
 from spark3r.data.io import temp_sibling, atomic_write, format_stamp_ns
 from spark3r.mapping import Frame, Mapper, MapperConfig, WindowResult
 from spark3r.mapping.config import OutputConfig
-from spark3r.mapping.outputs import OutputComposer
+from spark3r.mapping.outputs import OutputComposer, backend_poses
+from spark3r.mapping.tracking import poses_moved
 from spark3r.offline.inputs import OfflineInput
 from spark3r.offline.map_bag import MapBagWriter
 
@@ -204,10 +206,10 @@ class _Run:
     keyframes: list = field(default_factory=list)
     windows: list = field(default_factory=list)
 
-    def save_window(self, result: WindowResult) -> None:
+    def save_window(self, result: WindowResult, backend=None) -> None:
         ids, pred = self.recorder.covering([kf.id for kf in result.keyframes])
         if result.keyframes:
-            self.bag.write_window(self.composer.compose_window(result))
+            self.bag.write_window(self.composer.compose_window(result, backend=backend))
         for kf in result.keyframes:
             entry = {"id": kf.id, "stamp": format_stamp_ns(kf.stamp_ns), "stamp_ns": kf.stamp_ns,
                      "window": result.window_index, "K": np.asarray(kf.K).tolist()}
@@ -379,13 +381,16 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
     attempts: list[dict] = []  # every backbone run: its outcome and latency
 
     def step(force: bool) -> Optional[WindowResult]:
-        calls, before = recorder.calls, _drop_counts(mapper)
+        calls, before, stats_before = recorder.calls, _drop_counts(mapper), mapper.stats
         result = mapper.process_pending(force=force)
         if recorder.calls == calls:
             return result
         if result is not None:
             outcome = "mapped"
-            run.save_window(result)
+            run.save_window(result, backend_poses(mapper))
+            if poses_moved(stats_before, mapper.stats):  # a loop or relocalization: what the node republishes
+                mapper.refresh_map()
+                bag.write_poses_update(composer.compose_poses_updated(mapper.trajectory, *mapper.voxel_map.points()))
         else:
             after = _drop_counts(mapper)
             outcome = next((_DROP_COUNTERS[k] for k in _DROP_COUNTERS if after[k] > before[k]), "dropped")
@@ -428,6 +433,7 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         stop.finishing = True
         progress.update(frames, mapper, force=True)
         progress.close()
+        mapper.refresh_map()  # the back end's map cache at the final poses
         xyz, rgb = mapper.voxel_map.points()
         if first_stamp is not None:
             bag.write_map(composer.map_cloud(xyz, rgb, last_stamp))
