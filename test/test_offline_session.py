@@ -49,3 +49,43 @@ def test_localization_only_needs_a_session(bench, tmp_path, capsys):
     assert "--load-session" in capsys.readouterr().err
     assert map_cli.main(map_argv(bench, tmp_path / "y", "--load-session", str(tmp_path / "missing"))) == 2
     assert "session" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_offline_bag_gets_the_corrected_path_and_map_after_a_loop(tmp_path):
+    """As the node republishes them: after a loop closure mapping.bag holds a Path with the
+    corrected poses of keyframes an earlier Path had elsewhere, and a rebuilt map; map -> odom
+    jumps while odom -> base_link stays continuous. (DriftingBackbone is a test double.)"""
+    import numpy as np
+
+    from spark3r.data.bag_io import write_sequence_bag
+    from spark3r.mapping import BackendConfig, KeyframeConfig, MapConfig, MapperConfig, WindowConfig
+    from spark3r.mapping.testing import DriftingBackbone, loop_sequence
+    from spark3r.offline.inputs import open_input
+    from spark3r.offline.runner import run_map
+
+    from test_offline_map import _read_bag
+
+    seq = loop_sequence(num_frames=80)
+    write_sequence_bag(seq, tmp_path / "loop.bag")
+    config = MapperConfig(keyframe=KeyframeConfig(min_parallax_px=0.0, min_time_gap_s=0.0),
+                          window=WindowConfig(window_size=6, window_stride=3), map=MapConfig(voxel_size=0.02),
+                          backend=BackendConfig())
+    report = run_map(open_input(tmp_path / "loop.bag"), tmp_path / "out", config, DriftingBackbone(seq, seed=1))
+    assert report["complete"] and report["mapper_stats"]["loops_accepted"] >= 1
+    _, msgs = _read_bag(tmp_path / "out" / "mapping.bag")
+
+    def positions(path):
+        return {p.header.stamp.sec * 10**9 + p.header.stamp.nanosec: np.array([p.pose.position.x, p.pose.position.y,
+                                                                              p.pose.position.z]) for p in path.poses}
+    paths = [positions(m) for _, _, m in msgs["/spark3r_mapping/path"]]
+    moved = max(max(np.linalg.norm(b[s] - a[s]) for s in a.keys() & b.keys()) for a, b in zip(paths, paths[1:]))
+    assert moved > 0.1
+    assert len(msgs["/spark3r_mapping/map"]) >= 2   # rebuilt after the loop, and the final map
+    tf = [t for _, _, m in msgs["/tf"] for t in m.transforms]
+    map_odom = [np.array([t.transform.translation.x, t.transform.translation.y, t.transform.translation.z])
+                for t in tf if t.child_frame_id == "odom"]
+    odom_base = [np.array([t.transform.translation.x, t.transform.translation.y, t.transform.translation.z])
+                 for t in tf if t.child_frame_id == "base_link"]
+    jumps = [np.linalg.norm(b - a) for a, b in zip(map_odom, map_odom[1:])]
+    steps = [np.linalg.norm(b - a) for a, b in zip(odom_base, odom_base[1:])]
+    assert max(jumps) > 2 * np.median(steps) and max(steps) < 3 * np.median(steps)
