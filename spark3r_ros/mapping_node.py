@@ -13,7 +13,10 @@ Services and timers run on the executor, so they answer while a window is being 
 What is published is computed in the core: parameters come from the config dataclasses
 (:mod:`spark3r_ros.parameters`), each window's TF / Odometry / Path / cloud records from
 :class:`spark3r.mapping.outputs.OutputComposer` (frames and REP-105 policy are documented there;
-the offline ``mapping.bag`` is written from the same records). This module holds the ROS objects:
+the offline ``mapping.bag`` is written from the same records; with the SLAM back end also the
+``map -> odom`` correction and the "poses updated" Path/map after a loop closure or relocalization).
+Sessions (``~/save_map``, ``~/load_map``, ``localization_only``) are the mapper's; the ROS-free
+service bodies are in :mod:`spark3r_ros.node_support`. This module holds the ROS objects:
 publishers, subscriptions, QoS, services, timers and the pipeline threads. Without
 ``publish_odom_to_base_tf`` another node owns ``odom -> base_link``; the node reads it from
 ``/tf`` (:class:`~spark3r_ros.odom_tf_buffer.OdomTfBuffer`) at each keyframe stamp.
@@ -170,8 +173,10 @@ class MappingNode(Node):
 
         services = MutuallyExclusiveCallbackGroup()
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=services)
-        self.create_service(Trigger, "~/save_map", self._on_save_map, callback_group=services)
-        self.create_service(Trigger, "~/load_map", self._on_load_map, callback_group=services)
+        self.create_service(Trigger, "~/save_map", lambda _, response: self._answer(
+            response, lambda: save_map(self.mapper, self.values["save_directory"])), callback_group=services)
+        self.create_service(Trigger, "~/load_map", lambda _, response: self._answer(response, self._load_session),
+                            callback_group=services)
 
         # Steady clock: diagnostics and the map rate limit keep running while a bag is paused.
         steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -214,12 +219,6 @@ class MappingNode(Node):
         self.mapper.reset()
         self._clear_outputs()
         return "map reset on request: map, trajectory and queue cleared"
-
-    def _on_save_map(self, request, response):
-        return self._answer(response, lambda: save_map(self.mapper, self.values["save_directory"]))
-
-    def _on_load_map(self, request, response):
-        return self._answer(response, self._load_session)
 
     def _answer(self, response, action: Callable[[], str]):
         """Fill a Trigger response from ``action`` (its message; OSError/ValueError: failure), logged."""

@@ -130,7 +130,7 @@ def test_launch_file_matches_the_node(ros_context):
     for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For)):
         if isinstance(loop.iter, ast.Tuple):
             overridden |= {ast.literal_eval(e) for e in loop.iter.elts}
-    assert overridden == {"checkpoint", "backbone", "threads"}
+    assert overridden == {"checkpoint", "backbone", "threads", "load_directory", "localization_only"}
     node_raw = make_node(ros_context)
     node_compressed = make_node(ros_context, image_transport="compressed")
     try:
