@@ -62,6 +62,9 @@ def test_yaml_and_declared_parameters_are_the_same_set(ros_context):
     node = make_node(ros_context, **values)  # the node accepts every YAML value as it is
     try:
         assert declared(node) == set(values) == set(all_parameter_docs())
+        # The names issue 13 gives the back end and sessions (ROS and --param alike).
+        assert {"pose_graph", "loop_closure", "loop_min_score", "loop_min_keyframe_gap", "loop_min_inlier_fraction",
+                "load_directory", "localization_only", "save_directory"} <= declared(node)
         for name, value in values.items():
             assert node.get_parameter(name).value == value, name
             descriptor = node.describe_parameter(name)
