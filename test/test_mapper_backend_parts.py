@@ -42,8 +42,9 @@ def test_place_descriptor_is_unit_length_and_ignores_what_every_patch_shares():
     other = place_descriptor(rng.normal(size=(12, 16, 32)))
     assert float(d @ other) < 0.5 < float(d @ place_descriptor(tokens + 0.1 * rng.normal(size=tokens.shape)))
     assert not np.any(place_descriptor(np.ones((8, 8, 4))))   # a uniform frame matches nothing
+    assert place_descriptor(rng.normal(size=(3, 2, 5))).shape == (3 * 2 * 5,)   # fewer patches than cells
     with pytest.raises(ValueError, match="tokens"):
-        place_descriptor(np.zeros((2, 2, 3)))
+        place_descriptor(np.zeros((0, 2, 3)))
     with pytest.raises(ValueError, match="NaN"):
         place_descriptor(np.full((8, 8, 3), np.nan))
     assert image_tokens(rng.integers(0, 255, (48, 64, 3)).astype(np.uint8)).shape == (12, 16, 48)
