@@ -218,6 +218,15 @@ def test_session_round_trip_and_localization_only(loop_seq, tmp_path):
     err = np.linalg.norm(S_map.apply(est[localized]) - gt[localized], axis=1)
     assert np.max(err) < 0.15
 
+    # Mapping mode after a load: the new keyframes start a segment that loop closure links to the
+    # loaded map, then they extend it.
+    cont = Mapper(config(), DriftingBackbone(both, seed=8), base_to_camera=second.base_to_camera)
+    cont.load_session(session)
+    run(live, cont)
+    st = cont.stats
+    assert st.relocalizations >= 1 and st.segments >= 1 and len(cont.store) == 80 + 24
+    assert {cont.graph.segment(k) for k in cont.store.ids()} == {0} and cont.tracking_state in ("OK", "RELOCALIZED")
+
 
 def test_bad_session_directories_are_refused(tmp_path):
     m = Mapper(config(), DriftingBackbone(loop_sequence(num_frames=8), seed=0))
