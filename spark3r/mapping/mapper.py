@@ -979,7 +979,8 @@ class Mapper:
     def _verification_window(self, candidate_id: int, query_keyframe: Keyframe, query_neighbour: Optional[Keyframe]):
         frames = [self.store.keyframe(candidate_id)]
         successor = self.store.id_at(self.store.index_of(candidate_id) + 1)
-        if successor is not None and successor != query_keyframe.id:
+        taken = {query_keyframe.id} | ({query_neighbour.id} if query_neighbour is not None else set())
+        if successor is not None and successor not in taken:
             frames.append(self.store.keyframe(successor))
         if query_neighbour is not None:
             frames.append(query_neighbour)
