@@ -74,12 +74,22 @@ def test_loop_closure_cuts_keyframe_ate_to_a_third(loop_seq):
     assert cov.shape == (6, 6) and np.all(np.isfinite(cov)) and 0 < cov[0, 0] < 1e3
 
 
-def test_saved_trajectory_has_the_optimised_poses(loop_seq, tmp_path):
+def test_loop_moves_map_poses_not_odometry_and_save_writes_them(loop_seq, tmp_path):
     from spark3r.data.io import read_tum_trajectory
 
-    m = run(loop_seq, Mapper(config(), DriftingBackbone(loop_seq, seed=1), base_to_camera=loop_seq.base_to_camera),
-            frames=range(70))
+    m = Mapper(config(), DriftingBackbone(loop_seq, seed=1), base_to_camera=loop_seq.base_to_camera)
+    for i in range(48):   # before the revisit: no loop yet
+        m.offer(Frame(loop_seq.images[i], int(loop_seq.stamps_ns[i]), loop_seq.K))
+        while m.process_pending() is not None:
+            pass
+    assert m.stats.loops_accepted == 0
+    before = {k: (m.store[k].camera_to_map, m.store[k].camera_to_odom) for k in m.store.ids()}
+    run(loop_seq, m, frames=range(48, 70))
     assert m.stats.loops_accepted >= 1
+    # The loop moved the map poses; the odometry chain (what odom -> base_link publishes) is untouched.
+    assert max(np.abs(m.store[k].camera_to_map - cam).max() for k, (cam, _) in before.items()) > 0.01
+    for k, (_, odom) in before.items():
+        np.testing.assert_array_equal(m.store[k].camera_to_odom, odom)
     stamps, poses = read_tum_trajectory(m.save(tmp_path)["trajectory"])
     traj = m.trajectory
     assert list(stamps) == [k.stamp_ns for k in traj]
@@ -207,6 +217,15 @@ def test_session_round_trip_and_localization_only(loop_seq, tmp_path):
     localized = [i for i, k in enumerate(loc.trajectory) if i >= len(loc.trajectory) // 2]
     err = np.linalg.norm(S_map.apply(est[localized]) - gt[localized], axis=1)
     assert np.max(err) < 0.15
+
+    # Mapping mode after a load: the new keyframes start a segment that loop closure links to the
+    # loaded map, then they extend it.
+    cont = Mapper(config(), DriftingBackbone(both, seed=8), base_to_camera=second.base_to_camera)
+    cont.load_session(session)
+    run(live, cont)
+    st = cont.stats
+    assert st.relocalizations >= 1 and st.segments >= 1 and len(cont.store) == 80 + 24
+    assert {cont.graph.segment(k) for k in cont.store.ids()} == {0} and cont.tracking_state in ("OK", "RELOCALIZED")
 
 
 def test_bad_session_directories_are_refused(tmp_path):

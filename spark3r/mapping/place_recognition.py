@@ -34,27 +34,24 @@ def _projection(channels: int, out: int) -> np.ndarray:
 
 
 def place_descriptor(tokens: np.ndarray, grid: int = DESCRIPTOR_GRID, max_channels: int = DESCRIPTOR_MAX_CHANNELS) -> np.ndarray:
-    """Unit-length float32 descriptor ``[grid * grid * min(C, max_channels)]`` of one frame's
-    tokens ``[h, w, C]``. A patch grid smaller than ``grid`` (a tiny network input) is
-    repeated up to it, so every cell has tokens and the descriptor keeps its dimension."""
+    """Unit-length float32 descriptor ``[gh * gw * min(C, max_channels)]`` of one frame's
+    tokens ``[h, w, C]``, pooled on ``gh x gw = min(grid, h) x min(grid, w)`` cells (a tiny
+    network input has fewer patches than cells)."""
     tokens = np.asarray(tokens, dtype=np.float64)
     if tokens.ndim != 3 or min(tokens.shape) < 1:
         raise ValueError(f"place_descriptor expects tokens [h, w, C] with h, w, C >= 1, got {tokens.shape}")
     if not np.all(np.isfinite(tokens)):
         raise ValueError("place_descriptor: tokens contain NaN or inf")
-    if tokens.shape[0] < grid:
-        tokens = tokens[(np.arange(grid) * tokens.shape[0]) // grid]
-    if tokens.shape[1] < grid:
-        tokens = tokens[:, (np.arange(grid) * tokens.shape[1]) // grid]
     h, w, C = tokens.shape
     flat = tokens.reshape(-1, C)
     if C > max_channels:
         flat = flat @ _projection(C, max_channels)
     centred = flat - flat.mean(axis=0)
-    rows = np.minimum((np.arange(h) * grid) // h, grid - 1)
-    cols = np.minimum((np.arange(w) * grid) // w, grid - 1)
-    cell = (rows[:, None] * grid + cols[None, :]).reshape(-1)
-    assign = np.zeros((grid * grid, h * w))
+    gh, gw = min(grid, h), min(grid, w)
+    rows = (np.arange(h) * gh) // h
+    cols = (np.arange(w) * gw) // w
+    cell = (rows[:, None] * gw + cols[None, :]).reshape(-1)
+    assign = np.zeros((gh * gw, h * w))
     assign[cell, np.arange(h * w)] = 1.0
     pooled = (assign @ centred) / assign.sum(axis=1, keepdims=True)
     d = (np.sign(pooled) * np.sqrt(np.abs(pooled))).reshape(-1)
