@@ -198,3 +198,22 @@ def test_poses_updated_record_rebuilds_the_path_and_carries_the_map():
     assert [p.stamp_ns for p in update.path.poses] == [k.stamp_ns for k in moved] and update.path.frame_id == "map"
     np.testing.assert_allclose(update.path.poses[1].pose, moved[1].base_to_map)
     assert update.map.frame_id == "map" and len(update.map.xyz) == 7 and update.map.stamp_ns == moved[-1].stamp_ns
+
+
+def test_back_end_path_reuses_the_records_of_keyframes_that_did_not_move():
+    """The Path is rebuilt every window from the trajectory; a keyframe object the mapper did not
+    replace keeps its PoseRecord (the node converts only moved poses), a moved one gets a new one,
+    and path_max_size keeps the newest."""
+    from spark3r.mapping.outputs import BackendPoses
+
+    composer = OutputComposer(OutputConfig(path_max_size=4))
+    w0 = window(0, [1.0, 1.5, 2.0], starts_map=True)
+    first = composer.compose_window(w0, backend=BackendPoses(np.eye(4), w0.keyframes, "OK", None))
+    w1 = window(1, [2.5, 3.0])
+    moved = MappedKeyframe(w0.keyframes[2].id, w0.keyframes[2].stamp_ns, np.eye(4), np.eye(4), np.eye(3), 0)
+    trajectory = (w0.keyframes[0], w0.keyframes[1], moved) + w1.keyframes
+    second = composer.compose_window(w1, backend=BackendPoses(np.eye(4), trajectory, "OK", None))
+    assert [p.stamp_ns for p in second.path.poses] == [k.stamp_ns for k in trajectory[1:]]
+    assert second.path.poses[0] is first.path.poses[1]          # unchanged keyframe: same record
+    assert second.path.poses[1] is not first.path.poses[2]      # moved keyframe: a new record
+    np.testing.assert_allclose(second.path.poses[1].pose, np.eye(4))

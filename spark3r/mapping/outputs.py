@@ -164,6 +164,7 @@ class OutputComposer:
         self.latest_stamp_ns = 0
         self.tracking = TrackingMonitor()
         self.last_pose_covariance: Optional[np.ndarray] = None
+        self._path_records: dict = {}   # id(MappedKeyframe) -> (keyframe, its PoseRecord)
 
     @property
     def owns_odometry(self) -> bool:
@@ -177,6 +178,7 @@ class OutputComposer:
     def reset(self) -> None:
         """A new map: no path, no velocity history, nothing tracked."""
         self._path.clear()
+        self._path_records = {}
         self._last_base_pose = None
         self.tracking.reset()
         self.last_pose_covariance = None
@@ -242,8 +244,20 @@ class OutputComposer:
         return PosesUpdate(self.path(), self.map_cloud(map_xyz, map_rgb))
 
     def _set_path(self, trajectory) -> None:
+        # The mapper replaces a MappedKeyframe only when its pose changes: an unchanged keyframe
+        # keeps its PoseRecord, so the node converts only moved poses (PathConverter's cache).
+        keep = self.config.path_max_size
+        newest = list(trajectory)[-keep:] if keep else list(trajectory)
+        records, cache = [], {}
+        for kf in newest:
+            hit = self._path_records.get(id(kf))
+            record = hit[1] if hit is not None and hit[0] is kf else PoseRecord(kf.stamp_ns, self.config.map_frame,
+                                                                                kf.base_to_map)
+            cache[id(kf)] = (kf, record)  # holding kf keeps its id from being reused
+            records.append(record)
+        self._path_records = cache
         self._path.clear()
-        self._path.extend(PoseRecord(kf.stamp_ns, self.config.map_frame, kf.base_to_map) for kf in trajectory)
+        self._path.extend(records)
 
     def _map_to_odom(self, stamp_ns: int, T_map_base: np.ndarray, odom_to_base: Optional[OdomLookup]):
         T_odom_base = odom_to_base(stamp_ns) if odom_to_base is not None else None
