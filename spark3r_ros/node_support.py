@@ -218,8 +218,15 @@ def diagnostic_summary(values: dict, backbone_error: str) -> tuple[str, str]:
         return "ok", "waiting for the first window"
     if values.get("tracking_state") == "LOST":
         return "warn", (f"tracking LOST for {values.get('tracking_lost_windows', 0)} window(s): not aligned to the map "
-                        "or their output dropped")
-    return "ok", f"{values['windows_mapped']} windows, {values['keyframes']} keyframes, {values['map_points']} map points"
+                        "or their output dropped" + ("; relocalizing (new windows run in a segment not yet linked to "
+                                                     "the map)" if values.get("backend") else ""))
+    text = f"{values['windows_mapped']} windows, {values['keyframes']} keyframes, {values['map_points']} map points"
+    if values.get("backend"):
+        text += (f", {values.get('loops_accepted', 0)} loops ({values.get('loops_rejected', 0)} rejected)"
+                 + (", localization only" if values.get("localization_only") else ""))
+    if values.get("tracking_state") == "RELOCALIZED":
+        text = "RELOCALIZED: " + text
+    return "ok", text
 
 
 def mapper_diagnostics(mapper) -> dict:

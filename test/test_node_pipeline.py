@@ -166,3 +166,17 @@ def test_session_services_save_load_and_explain_failures(tmp_path):
     values = mapper_diagnostics(mapper)
     assert "tracking_state" not in values and values["backend"] == 1 and values["graph_nodes"] == len(mapper.store)
     assert all(not isinstance(v, dict) for v in values.values())
+
+
+def test_diagnostic_summary_names_loops_and_relocalization():
+    from spark3r_ros.node_support import diagnostic_summary
+
+    values = {"images_received": 10, "windows_mapped": 3, "keyframes": 9, "map_points": 100, "backend": 1,
+              "loops_accepted": 2, "loops_rejected": 1, "localization_only": 1, "tracking_state": "RELOCALIZED"}
+    level, message = diagnostic_summary(values, "")
+    assert level == "ok" and message.startswith("RELOCALIZED") and "2 loops (1 rejected)" in message
+    assert "localization only" in message
+    level, message = diagnostic_summary(dict(values, tracking_state="LOST", tracking_lost_windows=2), "")
+    assert level == "warn" and "LOST for 2" in message and "relocalizing" in message
+    level, message = diagnostic_summary(dict(values, backend=0, tracking_state="OK"), "")
+    assert level == "ok" and "loops" not in message
