@@ -119,6 +119,9 @@ class MappingNode(Node):
         self._create_interfaces()
         if self.values["load_directory"]:
             self._answer(Trigger.Response(), self._load_session)
+        elif self.values["localization_only"]:
+            self.get_logger().warning("localization_only: no map to localize in (load_directory is empty); mapping "
+                                      "until ~/load_map loads one")
         self._pipeline.start()
         self.get_logger().info(
             f"mapping node up: backbone={self.backbone_name} reduction={self.backbone_config.reduction} "
@@ -172,7 +175,8 @@ class MappingNode(Node):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
         services = MutuallyExclusiveCallbackGroup()
-        self.create_service(Trigger, "~/reset", self._on_reset, callback_group=services)
+        self.create_service(Trigger, "~/reset", lambda _, response: self._answer(response, self._reset),
+                            callback_group=services)
         self.create_service(Trigger, "~/save_map", lambda _, response: self._answer(
             response, lambda: save_map(self.mapper, self.values["save_directory"])), callback_group=services)
         self.create_service(Trigger, "~/load_map", lambda _, response: self._answer(response, self._load_session),
@@ -208,9 +212,6 @@ class MappingNode(Node):
             self._throttle.warn("distorted", "camera_info has non-zero distortion: the backbone assumes a pinhole "
                                              "camera, feed the rectified image (image_proc) for good geometry")
         self._camera_info = (intrinsics.K, intrinsics.width, intrinsics.height)
-
-    def _on_reset(self, request, response):
-        return self._answer(response, self._reset)
 
     def _reset(self) -> str:
         with self._publish_lock:
