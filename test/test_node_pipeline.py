@@ -161,8 +161,10 @@ def test_session_services_save_load_and_explain_failures(tmp_path):
     assert not other.localization_only
     with _pytest.raises(ValueError, match="load_directory is empty"):
         load_map(other, "", localization_only=False)
+    kept = len(other.store)
     with _pytest.raises(ValueError, match=str(tmp_path / "nothing")):
         load_map(other, tmp_path / "nothing", localization_only=False)
+    assert len(other.store) == kept and len(other.voxel_map) > 0   # a failed load leaves the map as it was
     values = mapper_diagnostics(mapper)
     assert "tracking_state" not in values and values["backend"] == 1 and values["graph_nodes"] == len(mapper.store)
     assert all(not isinstance(v, dict) for v in values.values())

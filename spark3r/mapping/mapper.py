@@ -1098,11 +1098,12 @@ class Mapper:
 
         if not self.backend_enabled:
             raise ValueError("sessions need the back end (pose_graph=true)")
+        # Read first: a folder that is not a loadable session leaves the current map as it is.
+        store, graph, window_index = read_session(directory, self.config.backend.store_keyframes_in_memory)
         with self._gate_lock:
             self._request_reset_locked()
         with self._work_lock:
             self._apply_reset_if_requested()
-            store, graph, window_index = read_session(directory, self.config.backend.store_keyframes_in_memory)
             self.store, self.graph = store, graph
             with self._gate_lock:  # live keyframes must never reuse a loaded keyframe's id
                 self._next_id = max(self._next_id, max(store.ids(), default=-1) + 1)
