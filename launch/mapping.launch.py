@@ -2,6 +2,7 @@
 
     ros2 launch spark3r_ros mapping.launch.py image:=/camera/image_raw \
         camera_info:=/camera/camera_info checkpoint:=/data/VGGT-1B/model.pt [threads:=3]
+    ros2 launch spark3r_ros mapping.launch.py load_directory:=~/.ros/spark3r_maps localization_only:=true
 
 Launch arguments override the parameters file only when they are given (non-empty).
 """
@@ -19,10 +20,14 @@ def _nodes(context):
     share = get_package_share_directory("spark3r_ros")
     use_sim_time = LaunchConfiguration("use_sim_time").perform(context).lower() in ("1", "true", "yes")
     overrides = {"use_sim_time": use_sim_time}
-    for name in ("checkpoint", "backbone", "threads"):
+    for name in ("checkpoint", "backbone", "threads", "load_directory", "localization_only"):
         value = LaunchConfiguration(name).perform(context)
         if value:
-            overrides[name] = int(value) if name == "threads" else value
+            if name == "threads":
+                value = int(value)
+            elif name == "localization_only":
+                value = value.lower() in ("1", "true", "yes")
+            overrides[name] = value
     image = LaunchConfiguration("image").perform(context)
     mapping = Node(
         package="spark3r_ros",
@@ -63,6 +68,10 @@ def generate_launch_description():
                               description="Backbone preset, e.g. vggt-1b (empty: from params_file)."),
         DeclareLaunchArgument("threads", default_value="",
                               description="CPU threads for inference; 0 = usable cores - 1 (empty: from params_file)."),
+        DeclareLaunchArgument("load_directory", default_value="",
+                              description="A map saved by ~/save_map to load at start-up (empty: from params_file)."),
+        DeclareLaunchArgument("localization_only", default_value="",
+                              description="true: only relocalize in the loaded map, never extend it (empty: from params_file)."),
         DeclareLaunchArgument("rviz", default_value="false", description="Also start RViz with config/mapping.rviz."),
         OpaqueFunction(function=_nodes),
     ])

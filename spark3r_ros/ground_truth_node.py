@@ -13,6 +13,9 @@ Knobs for overload / bad-output tests: ``--slow-seconds`` sleeps in every backbo
 model), ``--nan-depth-fraction`` puts NaN into that share of every predicted depth map,
 ``--spoil-depth-after N`` scrambles the depth of every window after the first N (by random factors
 of 0.2-5 per pixel), so those windows cannot be aligned to the map (tracking lost).
+``--drifting`` answers with :class:`spark3r.mapping.testing.DriftingBackbone` instead (scale and
+heading creep per window, depth noise, place descriptors): stitching drifts as with a real model,
+so the back end's loop closure has something to correct (use with ``--trajectory loop``).
 """
 from __future__ import annotations
 
@@ -66,6 +69,8 @@ def parse_args(argv):
     parser.add_argument("--nan-depth-fraction", type=float, default=0.0, help="share of depth pixels set to NaN")
     parser.add_argument("--spoil-depth-after", type=int, default=-1,
                         help="scramble the depth of every window after this many (-1 = never): tracking is lost")
+    parser.add_argument("--drifting", action="store_true",
+                        help="the drifting TEST DOUBLE (systematic per-window errors, place descriptors) for loop closure")
     return parser.parse_known_args(argv)
 
 
@@ -80,11 +85,14 @@ def main(argv=None) -> int:
     seq = render_scene(args)
 
     def factory(backbone_config, mapper_config):
-        from spark3r.mapping.testing import GroundTruthBackbone
+        from spark3r.mapping.testing import DriftingBackbone, GroundTruthBackbone
 
-        inner = GroundTruthBackbone(seq, seed=args.backbone_seed)
-        return TestDoubleBackbone(inner, args.slow_seconds, args.nan_depth_fraction, seed=args.backbone_seed,
-                                  spoil_depth_after=args.spoil_depth_after)
+        inner = (DriftingBackbone if args.drifting else GroundTruthBackbone)(seq, seed=args.backbone_seed)
+        backbone = TestDoubleBackbone(inner, args.slow_seconds, args.nan_depth_fraction, seed=args.backbone_seed,
+                                      spoil_depth_after=args.spoil_depth_after)
+        if args.drifting:
+            backbone.name = "drifting-synthetic (TEST DOUBLE)"
+        return backbone
 
     from spark3r_ros.mapping_node import main as node_main
 

@@ -13,7 +13,10 @@ Services and timers run on the executor, so they answer while a window is being 
 What is published is computed in the core: parameters come from the config dataclasses
 (:mod:`spark3r_ros.parameters`), each window's TF / Odometry / Path / cloud records from
 :class:`spark3r.mapping.outputs.OutputComposer` (frames and REP-105 policy are documented there;
-the offline ``mapping.bag`` is written from the same records). This module holds the ROS objects:
+the offline ``mapping.bag`` is written from the same records; with the SLAM back end also the
+``map -> odom`` correction and the "poses updated" Path/map after a loop closure or relocalization).
+Sessions (``~/save_map``, ``~/load_map``, ``localization_only``) are the mapper's; the ROS-free
+service bodies are in :mod:`spark3r_ros.node_support`. This module holds the ROS objects:
 publishers, subscriptions, QoS, services, timers and the pipeline threads. Without
 ``publish_odom_to_base_tf`` another node owns ``odom -> base_link``; the node reads it from
 ``/tf`` (:class:`~spark3r_ros.odom_tf_buffer.OdomTfBuffer`) at each keyframe stamp.
@@ -21,12 +24,10 @@ publishers, subscriptions, QoS, services, timers and the pipeline threads. Witho
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -45,12 +46,13 @@ from tf2_msgs.msg import TFMessage
 
 from spark3r.mapping import BackboneConfig, Frame, Mapper, MapperConfig, WindowResult
 from spark3r.mapping.keyframes import REJECT_BAD_IMAGE, REJECT_IMAGE_SIZE
-from spark3r.mapping.outputs import OutputComposer
-from spark3r.mapping.tracking import window_failed
+from spark3r.mapping.outputs import OutputComposer, backend_poses
+from spark3r.mapping.tracking import poses_moved, window_failed
 from spark3r_ros.conversions import (PathConverter, camera_info_to_intrinsics, cloud_record_to_msg, compressed_to_rgb,
                                      image_to_rgb, odometry_record_to_msg, time_to_ns, transform_record_to_msg)
 from spark3r_ros.node_support import (FrameQueue, MappingPipeline, NodeCounters, RateMeter, WarningThrottle,
-                                      diagnostic_summary, diagnostic_text)
+                                      camera_info_intrinsics, diagnostic_summary, diagnostic_text, load_map,
+                                      mapper_diagnostics, save_map, static_extrinsic)
 from spark3r_ros.odom_tf_buffer import OdomTfBuffer
 from spark3r_ros.parameters import NodeSettings, all_parameter_docs, all_parameter_specs, parameter_descriptor
 from spark3r_ros.static_tf import StaticTransformCache, subscribe_static_tf
@@ -115,6 +117,11 @@ class MappingNode(Node):
         self._pipeline = MappingPipeline(self._queue, self._intake, self.mapper, self._publish_outcome, self._on_stage_error)
 
         self._create_interfaces()
+        if self.values["load_directory"]:
+            self._answer(Trigger.Response(), self._load_session)
+        elif self.values["localization_only"]:
+            self.get_logger().warning("localization_only: no map to localize in (load_directory is empty); mapping "
+                                      "until ~/load_map loads one")
         self._pipeline.start()
         self.get_logger().info(
             f"mapping node up: backbone={self.backbone_name} reduction={self.backbone_config.reduction} "
@@ -168,8 +175,12 @@ class MappingNode(Node):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
         services = MutuallyExclusiveCallbackGroup()
-        self.create_service(Trigger, "~/reset", self._on_reset, callback_group=services)
-        self.create_service(Trigger, "~/save_map", self._on_save_map, callback_group=services)
+        self.create_service(Trigger, "~/reset", lambda _, response: self._answer(response, self._reset),
+                            callback_group=services)
+        self.create_service(Trigger, "~/save_map", lambda _, response: self._answer(
+            response, lambda: save_map(self.mapper, self.values["save_directory"])), callback_group=services)
+        self.create_service(Trigger, "~/load_map", lambda _, response: self._answer(response, self._load_session),
+                            callback_group=services)
 
         # Steady clock: diagnostics and the map rate limit keep running while a bag is paused.
         steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -202,39 +213,38 @@ class MappingNode(Node):
                                              "camera, feed the rectified image (image_proc) for good geometry")
         self._camera_info = (intrinsics.K, intrinsics.width, intrinsics.height)
 
-    def _on_reset(self, request, response):
-        if self.mapper is None:
-            response.success = False
-            response.message = f"backbone not loaded ({self.backbone_error}); a reset cannot fix that, restart the node"
-            return response
+    def _reset(self) -> str:
         with self._publish_lock:
             self._pipeline.new_map()  # a window finishing during the reset belongs to the old map
         self._queue.clear()
         self.mapper.reset()
         self._clear_outputs()
-        self.get_logger().info("map reset on request")
-        response.success = True
-        response.message = "map, trajectory and queue cleared"
+        return "map reset on request: map, trajectory and queue cleared"
+
+    def _answer(self, response, action: Callable[[], str]):
+        """Fill a Trigger response from ``action`` (its message; OSError/ValueError: failure), logged."""
+        if self.mapper is None:
+            response.success, response.message = False, f"backbone not loaded ({self.backbone_error}): restart the node"
+        else:
+            try:
+                response.success, response.message = True, action()
+            except (OSError, ValueError) as exc:
+                response.success, response.message = False, str(exc)
+        (self.get_logger().info if response.success else self.get_logger().error)(response.message)
         return response
 
-    def _on_save_map(self, request, response):
-        if self.mapper is None:
-            response.success = False
-            response.message = f"backbone not loaded ({self.backbone_error}); nothing to save"
-            return response
-        directory = Path(os.path.expanduser(self.values["save_directory"]))
-        try:
-            paths = self.mapper.save(directory)
-        except (OSError, ValueError) as exc:
-            response.success = False
-            response.message = f"could not save to {directory}: {exc}"
-            self.get_logger().error(response.message)
-            return response
-        response.success = True
-        response.message = f"saved {len(self.mapper.voxel_map)} points to {paths['map']} and " \
-                           f"{len(self.mapper.trajectory)} keyframe poses to {paths['trajectory']}"
-        self.get_logger().info(response.message)
-        return response
+    def _load_session(self) -> str:
+        """Replace the map with the session at ``load_directory`` (``localization_only`` applies)."""
+        with self._publish_lock:
+            self._pipeline.new_map()  # a window finishing during the load belongs to the old map
+        self._queue.clear()
+        message = load_map(self.mapper, self.values["load_directory"], self.values["localization_only"])
+        self._clear_outputs()
+        self.composer.tracking.adopt(self.mapper.tracking_state)  # LOST until relocalized in the loaded map
+        self._publish_map()
+        with self._counter_lock:
+            self.counters.sessions_loaded += 1
+        return message
 
     # ------------------------------------------------------------------ the pipeline stages
 
@@ -278,11 +288,21 @@ class MappingNode(Node):
         if nonfinite:
             self._throttle.warn("nonfinite_depth", f"the backbone returned {nonfinite} NaN/inf depth values in the "
                                                    "last window; they are not mapped (counted as nonfinite_depth_pixels)")
+        # Read from the back end before the publishing lock (its reads take the mapper's worker lock).
+        backend = backend_poses(self.mapper) if result is not None and result.keyframes else None
+        moved = poses_moved(before, after)
+        if moved:  # a loop or relocalization moved published keyframes: their map points move now
+            self.mapper.refresh_map()
         with self._publish_lock:
             if epoch != self._pipeline.map_epoch:
                 return  # ~/reset or a time jump while this window ran: it belongs to the old map
             if result is not None and result.keyframes:
-                self._publish_window_locked(result)
+                self._publish_window_locked(result, backend)
+            if moved:
+                update = self.composer.compose_poses_updated(self.mapper.trajectory, *self.mapper.voxel_map.points())
+                self._path_pub.publish(self._path_msg(update.path))
+                self._map_pub.publish(cloud_record_to_msg(update.map))
+                self._map_dirty, self._last_map_publish = False, time.monotonic()
             elif window_failed(before, after, result) and (lost := self.composer.compose_lost(after.last_window_stamp_ns)):
                 self._odom_pub.publish(odometry_record_to_msg(lost))
                 self._throttle.warn("lost", "tracking LOST: the last window gave no poses (alignment rejected or output "
@@ -299,36 +319,23 @@ class MappingNode(Node):
         self._clear_outputs()
 
     def _update_extrinsic(self, camera_frame: str) -> None:
-        if not camera_frame:
-            self._throttle.warn("no_frame_id", "image has an empty header.frame_id: cannot look up the camera "
-                                               "extrinsic; assuming the camera at the base origin")
-            return
-        T = self._static_tf.lookup(self.base_frame, camera_frame)
+        T, problem = static_extrinsic(self._static_tf, self.base_frame, camera_frame)
         if T is None:
-            self._throttle.warn("no_extrinsic", f"no /tf_static path {self.base_frame} -> {camera_frame} (yet): assuming "
-                                                "the camera optical frame at the base origin, looking along base x")
-            return
-        key = (camera_frame, T.tobytes())
-        if key != self._applied_extrinsic:
+            self._throttle.warn(problem[0], problem[1])
+        elif (camera_frame, T.tobytes()) != self._applied_extrinsic:
             self.mapper.set_base_to_camera(T)
-            self._applied_extrinsic = key
+            self._applied_extrinsic = (camera_frame, T.tobytes())
             self.get_logger().info(f"camera extrinsic {self.base_frame} -> {camera_frame}: translation "
                                    f"{np.round(T[:3, 3], 4).tolist()} (from /tf_static)")
 
     def _intrinsics_for(self, image_shape) -> Optional[np.ndarray]:
-        info = self._camera_info
-        if info is None:
-            if self.values["use_camera_info_intrinsics"] and not self._warned_no_camera_info:
-                self._warned_no_camera_info = True
-                self.get_logger().warning("no camera_info received (yet): using the backbone's predicted intrinsics "
-                                          "(counted as frames_missing_intrinsics)")
-            return None
-        K, width, height = info
-        if (height, width) != tuple(image_shape[:2]):
-            self._count("camera_info_size_mismatch",
-                        f"camera_info is for {width}x{height} but the image is {image_shape[1]}x{image_shape[0]}: "
-                        "using the backbone's intrinsics")
-            return None
+        K, problem = camera_info_intrinsics(self._camera_info, image_shape)
+        if problem == "none" and self.values["use_camera_info_intrinsics"] and not self._warned_no_camera_info:
+            self._warned_no_camera_info = True
+            self.get_logger().warning("no camera_info received (yet): using the backbone's predicted intrinsics "
+                                      "(counted as frames_missing_intrinsics)")
+        elif problem and problem != "none":
+            self._count("camera_info_size_mismatch", problem)
         return K
 
     def _count(self, counter: Optional[str], message: str) -> None:
@@ -340,9 +347,9 @@ class MappingNode(Node):
 
     # ------------------------------------------------------------------ publishing
 
-    def _publish_window_locked(self, result: WindowResult) -> None:
+    def _publish_window_locked(self, result: WindowResult, backend) -> None:
         lookup = self._odom_buffer.lookup if self._odom_buffer is not None else None
-        outputs = self.composer.compose_window(result, odom_to_base=lookup)
+        outputs = self.composer.compose_window(result, odom_to_base=lookup, backend=backend)
         for stamp_ns in outputs.missing_odometry:
             self._count("map_to_odom_missing_odometry",
                         f"no {self.odom_frame} -> {self.base_frame} on /tf around stamp {stamp_ns} ns: map -> odom not "
@@ -394,13 +401,7 @@ class MappingNode(Node):
         with self._publish_lock:
             values.update(self.composer.tracking_values())
         if self.mapper is not None:
-            stats = self.mapper.stats.as_dict()
-            decisions = stats.pop("decisions")
-            values.update(stats)
-            values["trajectory_keyframes"] = len(self.mapper.trajectory)  # mapped keyframes of the current map
-            values.update({f"decisions.{k}": v for k, v in sorted(decisions.items())})
-            # CPU threads the last window ran with (set in the inference thread)
-            values["inference_threads"] = getattr(self.mapper.backbone, "threads_used", None) or 0
+            values.update(mapper_diagnostics(self.mapper))
         values.update(backbone=self.backbone_name, backbone_error=self.backbone_error)
         return values
 

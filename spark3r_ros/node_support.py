@@ -7,13 +7,16 @@ its own and the node module stays a readable list of publishers, subscriptions a
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 WARN_PERIOD_S = 5.0
+SESSION_SUBDIR = "session"  # ~/save_map writes the loadable session here, beside map.ply and trajectory.tum
 
 
 class FrameQueue:
@@ -157,6 +160,7 @@ class NodeCounters:
     camera_info_bad: int = 0
     camera_info_size_mismatch: int = 0
     time_jumps_backwards: int = 0
+    sessions_loaded: int = 0               # ~/load_map (or load_directory at start-up) succeeded
     map_to_odom_missing_odometry: int = 0  # external odom -> base not available at the image stamp
     windows_published: int = 0
     last_error: str = ""
@@ -214,8 +218,96 @@ def diagnostic_summary(values: dict, backbone_error: str) -> tuple[str, str]:
         return "ok", "waiting for the first window"
     if values.get("tracking_state") == "LOST":
         return "warn", (f"tracking LOST for {values.get('tracking_lost_windows', 0)} window(s): not aligned to the map "
-                        "or their output dropped")
-    return "ok", f"{values['windows_mapped']} windows, {values['keyframes']} keyframes, {values['map_points']} map points"
+                        "or their output dropped" + ("; relocalizing (new windows run in a segment not yet linked to "
+                                                     "the map)" if values.get("backend") else ""))
+    text = f"{values['windows_mapped']} windows, {values['keyframes']} keyframes, {values['map_points']} map points"
+    if values.get("backend"):
+        text += (f", {values.get('loops_accepted', 0)} loops ({values.get('loops_rejected', 0)} rejected)"
+                 + (", localization only" if values.get("localization_only") else ""))
+    if values.get("tracking_state") == "RELOCALIZED":
+        text = "RELOCALIZED: " + text
+    return "ok", text
+
+
+def mapper_diagnostics(mapper) -> dict:
+    """The mapper's counters as flat diagnostic values (dict counters as ``name.key``). The
+    mapper's tracking state is left out: the node reports the composer's, which adopts the back
+    end's state after every mapped window and turns LOST on a window that gave no poses."""
+    stats = mapper.stats.as_dict()
+    stats.pop("tracking_state", None)
+    values = {}
+    for name, value in stats.items():
+        if isinstance(value, dict):
+            values.update({f"{name}.{k}": v for k, v in sorted(value.items())})
+        else:
+            values[name] = value
+    values["trajectory_keyframes"] = len(mapper.trajectory)  # mapped keyframes of the current map
+    values["backend"] = int(bool(getattr(mapper, "backend_enabled", False)))
+    values["localization_only"] = int(bool(getattr(mapper, "localization_only", False)))
+    # CPU threads the last window ran with (set in the inference thread)
+    values["inference_threads"] = getattr(mapper.backbone, "threads_used", None) or 0
+    return values
+
+
+def camera_info_intrinsics(camera_info, image_shape) -> tuple[Optional["np.ndarray"], str]:
+    """``(K, problem)`` for an image of ``image_shape`` from the last camera_info ``(K, width,
+    height)``: K when it fits; else None and ``"none"`` (no camera_info yet) or the size mismatch
+    in words (the backbone's intrinsics are used then)."""
+    if camera_info is None:
+        return None, "none"
+    K, width, height = camera_info
+    if (height, width) != tuple(image_shape[:2]):
+        return None, (f"camera_info is for {width}x{height} but the image is {image_shape[1]}x{image_shape[0]}: "
+                      "using the backbone's intrinsics")
+    return K, ""
+
+
+def static_extrinsic(static_tf, base_frame: str, camera_frame: str):
+    """``(T_base_camera, None)`` from the /tf_static cache, or ``(None, (warning key, warning))``."""
+    if not camera_frame:
+        return None, ("no_frame_id", "image has an empty header.frame_id: cannot look up the camera extrinsic; "
+                                     "assuming the camera at the base origin")
+    T = static_tf.lookup(base_frame, camera_frame)
+    if T is None:
+        return None, ("no_extrinsic", f"no /tf_static path {base_frame} -> {camera_frame} (yet): assuming the camera "
+                                      "optical frame at the base origin, looking along base x")
+    return T, None
+
+
+def save_map(mapper, directory) -> str:
+    """``~/save_map``: ``map.ply`` and ``trajectory.tum`` in ``directory`` and, with the back end,
+    the loadable session (atomic, versioned: :mod:`spark3r.mapping.session`) in
+    ``directory/session``. Returns the message; OSError/ValueError name the folder."""
+    directory = Path(os.path.expanduser(str(directory)))
+    try:
+        paths = mapper.save(directory)
+        session = mapper.save_session(directory / SESSION_SUBDIR) if mapper.backend_enabled else None
+    except (OSError, ValueError) as exc:
+        raise type(exc)(f"could not save to {directory}: {exc}") from None
+    return (f"saved {len(mapper.voxel_map)} points to {paths['map']} and {len(mapper.trajectory)} keyframe poses to "
+            f"{paths['trajectory']}" + (f"; session in {session}" if session is not None else
+                                         " (no session: pose_graph is off)"))
+
+
+def load_map(mapper, directory, localization_only: bool) -> str:
+    """``~/load_map``: replace the mapper's map with the session saved in ``directory`` (see
+    :func:`session_directory`). Returns the message; ValueError/OSError name the folder."""
+    if not directory:
+        raise ValueError("parameter load_directory is empty: set it to a folder written by ~/save_map")
+    path = session_directory(directory)
+    try:
+        loaded = mapper.load_session(path, localization_only=localization_only)
+    except (OSError, ValueError) as exc:
+        raise type(exc)(f"could not load a session from {path}: {exc}") from None
+    mode = "localization only (the map is not extended)" if localization_only else "mapping (new keyframes extend it)"
+    return f"loaded {loaded} keyframes from {path}; {mode}; relocalizing against it"
+
+
+def session_directory(directory) -> Path:
+    """The session folder of a map saved by ``~/save_map`` (``<dir>/session``) or ``directory``
+    itself when it is one (holds ``session.json``)."""
+    path = Path(os.path.expanduser(str(directory)))
+    return path / SESSION_SUBDIR if (path / SESSION_SUBDIR / "session.json").is_file() else path
 
 
 def diagnostic_text(value) -> str:

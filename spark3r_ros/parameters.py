@@ -4,7 +4,7 @@ Every parameter's default, description, range and step live in one place, the fi
 config dataclass (:mod:`spark3r.mapping.config`); this module only turns those
 :class:`~spark3r.mapping.config.ParamSpec` s into ROS ``ParameterDescriptor`` s and the declared
 values back into the configs. Sections, in declaration order: backbone (``BackboneConfig`` and
-the reduction method's ``reduction.<name>``), keyframe gate, window, map, outputs
+the reduction method's ``reduction.<name>``), keyframe gate, window, map, back end, outputs
 (``OutputConfig``) and the node's own (:class:`NodeConfig`).
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from spark3r.mapping.config import (BackboneConfig, KeyframeConfig, MapConfig, MapperConfig, OutputConfig, ParamSpec,
-                                    WindowConfig, check_fields, param, parameter_specs, reduction_parameter_specs)
+from spark3r.mapping.config import (BackboneConfig, BackendConfig, KeyframeConfig, MapConfig, MapperConfig, OutputConfig,
+                                    ParamSpec, WindowConfig, check_fields, param, parameter_specs, reduction_parameter_specs)
 
 
 @dataclass
 class NodeConfig:
-    """Parameters of the node itself: input transport, queue, map rate, save folder."""
+    """Parameters of the node itself: input transport, queue, map rate, save/load folders, localization mode."""
 
     image_transport: str = param("raw", "'raw' subscribes sensor_msgs/Image on 'image', 'compressed' CompressedImage on "
                                         "'image/compressed'", choices=("raw", "compressed"))
@@ -27,8 +27,13 @@ class NodeConfig:
                                 "is dropped (counted)", range=(1, 1000))
     map_publish_period: float = param(2.0, "minimum seconds between two ~/map publications (0 = after every window)",
                                       range=(0.0, 3600.0))
-    save_directory: str = param("~/.ros/spark3r_maps", "where ~/save_map writes map.ply and trajectory.tum",
+    save_directory: str = param("~/.ros/spark3r_maps", "where ~/save_map writes map.ply, trajectory.tum and (with "
+                                                      "pose_graph) the loadable session in <save_directory>/session",
                                 non_empty=True)
+    load_directory: str = param("", "a map saved by ~/save_map (its folder or its session/ folder) that ~/load_map "
+                                    "loads; when set, also loaded at start-up (empty = start with an empty map)")
+    localization_only: bool = param(False, "with a loaded map: only relocalize in it and publish map -> odom, never "
+                                           "extend it (new keyframes are tracked but not added)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -38,7 +43,8 @@ def all_parameter_specs() -> dict[str, ParamSpec]:
     """Every parameter the node declares, in declaration order: ``{name: ParamSpec}``."""
     specs: dict[str, ParamSpec] = {}
     sections = (parameter_specs(BackboneConfig), reduction_parameter_specs(), parameter_specs(KeyframeConfig),
-                parameter_specs(WindowConfig), parameter_specs(MapConfig), parameter_specs(OutputConfig),
+                parameter_specs(WindowConfig), parameter_specs(MapConfig), parameter_specs(BackendConfig),
+                parameter_specs(OutputConfig),
                 parameter_specs(NodeConfig))
     for section in sections:
         overlap = set(section) & set(specs)
@@ -99,6 +105,7 @@ _SECTIONS = (
     ("keyframe gate", lambda: parameter_specs(KeyframeConfig)),
     ("sliding window and alignment", lambda: parameter_specs(WindowConfig)),
     ("point extraction and voxel map", lambda: parameter_specs(MapConfig)),
+    ("SLAM back end: keyframe store, pose graph, loop closure", lambda: parameter_specs(BackendConfig)),
     ("frames, TF (REP-105) and path", lambda: parameter_specs(OutputConfig)),
     ("input, map rate, services", lambda: parameter_specs(NodeConfig)),
 )

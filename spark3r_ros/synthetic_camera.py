@@ -11,7 +11,8 @@ stamped with the sequence's own stamps, at ``--rate`` Hz of wall time. ``--repea
 sequence again with the same stamps (time goes backwards, like a looping bag). Exits after the
 stream (``--linger`` seconds later, so the last messages are delivered).
 
-The scene arguments (:func:`add_scene_arguments`) are shared with the ground-truth test-double
+``--trajectory loop`` renders :func:`spark3r.mapping.testing.loop_sequence` instead (the camera
+comes back to its start: loop closure tests). The scene arguments (:func:`add_scene_arguments`) are shared with the ground-truth test-double
 node so that both render the same sequence.
 """
 from __future__ import annotations
@@ -34,7 +35,10 @@ def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
     scene.add_argument("--height", type=int, default=96)
     scene.add_argument("--width", type=int, default=128)
     scene.add_argument("--seed", type=int, default=7, help="room: texture/colour/start-phase seed; procedural: scene seed")
-    scene.add_argument("--trajectory", default="orbit", choices=("orbit", "forward", "static"), help="room camera path")
+    scene.add_argument("--trajectory", default="orbit", choices=("orbit", "forward", "static", "loop"),
+                       help="room camera path; 'loop': a closed orbit that comes back to its start after "
+                            "--frames-per-lap frames (spark3r.mapping.testing.loop_sequence), for loop closure")
+    scene.add_argument("--frames-per-lap", type=float, default=60.37, help="'loop' trajectory: frames per lap")
     scene.add_argument("--motion", default=None, choices=MOTIONS, help="procedural camera motion (default: drawn from the seed)")
     scene.add_argument("--fps", type=float, default=10.0, help="frame rate of the stamps (scene time)")
 
@@ -44,6 +48,11 @@ def render_scene(args):
         from spark3r.data.procedural import render_procedural
 
         return render_procedural(args.seed, args.frames, args.height, args.width, motion=args.motion, fps=args.fps)
+    if args.trajectory == "loop":
+        from spark3r.mapping.testing import loop_sequence
+
+        return loop_sequence(num_frames=args.frames, frames_per_lap=args.frames_per_lap, height=args.height,
+                             width=args.width, seed=args.seed, fps=args.fps)
     from spark3r.data.synthetic import render_sequence
 
     return render_sequence(num_frames=args.frames, height=args.height, width=args.width, seed=args.seed,
@@ -77,9 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="stream the sequence this many times (same stamps)")
     parser.add_argument("--match-timeout", type=float, default=60.0, help="seconds to wait for an image subscriber")
     parser.add_argument("--linger", type=float, default=1.0, help="seconds to stay up after the last frame")
+    parser.add_argument("--first-frame", type=int, default=0,
+                        help="stream the sequence from this frame on (e.g. a camera that starts elsewhere in a saved map)")
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.repeat < 1:
         parser.error("--rate must be > 0 and --repeat >= 1")
+    if not 0 <= args.first_frame < args.frames:
+        parser.error("--first-frame must be in [0, --frames)")
     return args
 
 
@@ -111,6 +124,8 @@ def stream(node, args, seq) -> int:
     start = time.monotonic()
     for _ in range(args.repeat):
         for i, stamp in enumerate(stamps):
+            if i < args.first_frame:
+                continue
             if info_pub is not None:
                 info_pub.publish(camera_info_msg(seq, stamp, args.frame_id))
             image = seq.images[i]

@@ -200,7 +200,8 @@ def test_one_corrupted_shared_keyframe_is_outvoted(seq):
     assert np.sqrt(np.mean(np.sum((S.apply(est) - gt) ** 2, axis=1))) < 1e-3 * seq.scene_extent
 
 
-def test_inconsistent_windows_are_rejected_then_the_map_restarts(seq):
+@pytest.mark.parametrize("pose_graph", [False, True])
+def test_inconsistent_windows_are_rejected_then_tracking_is_lost(seq, pose_graph):
     rng = np.random.default_rng(1)
 
     def scramble_depth(p):
@@ -208,17 +209,28 @@ def test_inconsistent_windows_are_rejected_then_the_map_restarts(seq):
         return p
 
     bb = Corrupting(GroundTruthBackbone(seq, seed=7), {c: scramble_depth for c in range(1, 4)})
-    m = Mapper(cfg(6, 3), bb)
+    config = cfg(6, 3)
+    config.backend.pose_graph = pose_graph
+    m = Mapper(config, bb)
     for i in range(12):
         m.offer(frame(seq, i))
         drain(m)
     st = m.stats
     # Window 1 maps 6; windows at 9, 10, 11 keyframes are rejected; at 12 keyframes no mapped
-    # keyframe is left in the window, so the map restarts from it (counted, no crash).
+    # keyframe is left in the window (counted, no crash).
     assert st.windows_rejected_alignment == 3 and st.max_residual > m.config.window.max_alignment_residual
     assert st.resets_tracking_lost == 1 and st.keyframes_dropped_unmapped == 0
     traj = m.trajectory
-    assert [k.id for k in traj] == list(range(6, 12))
+    if pose_graph:
+        # The back end keeps the map and starts a second graph segment, unlinked until a loop
+        # or relocalization finds one: tracking is LOST, and the covariance says so.
+        assert [k.id for k in traj] == list(range(12))
+        assert [k.segment for k in traj] == [0] * 6 + [1] * 6
+        assert st.segments == 2 and st.tracking_state == "LOST" and st.graph_nodes == 12
+        assert np.all(np.diag(m.pose_covariance()) >= 1e3)
+    else:
+        # Plain odometry restarts the map from the window.
+        assert [k.id for k in traj] == list(range(6, 12))
     assert len(m.voxel_map) > 0
 
 

@@ -161,10 +161,11 @@ def test_tf_follows_rep105_with_image_stamps(run, seq):
     assert {(t.header.frame_id, t.child_frame_id) for t in transforms} == {("odom", "base_link"), ("map", "odom")}
     assert len(odom_base) == int(run.first["diagnostics"]["trajectory_keyframes"]) >= 9
     assert all(stamp_ns(t.header) in stamps for t in odom_base)
-    # map -> odom: identity (the node owns odometry), future-dated by transform_tolerance.
+    # map -> odom: the back end's correction (the node owns odometry), future-dated by
+    # transform_tolerance; exact windows and no revisit: nothing to correct, the identity.
     assert all(stamp_ns(t.header) - TOLERANCE_NS in stamps for t in map_odom)
     for t in map_odom:
-        np.testing.assert_allclose(transform_matrix(t), np.eye(4), atol=1e-12)
+        np.testing.assert_allclose(transform_matrix(t), np.eye(4), atol=1e-6)
     # The first keyframe's base_link is the map origin (REP-103, z up).
     first = min(odom_base, key=lambda t: stamp_ns(t.header))
     np.testing.assert_allclose(transform_matrix(first), np.eye(4), atol=1e-6)
@@ -194,12 +195,14 @@ def test_odometry_and_path_match_tf_and_ground_truth(run, seq):
     # Body-frame velocity is finite and non-zero once the robot has moved.
     speeds = [np.linalg.norm([m.twist.twist.linear.x, m.twist.twist.linear.y, m.twist.twist.linear.z]) for m in odom[1:]]
     assert all(np.isfinite(speeds)) and max(speeds) > 0
-    # Exact (test-double) windows align with a near-zero residual: a small, non-zero covariance
-    # (the model error floor, spark3r.mapping.tracking), isotropic; tracking OK.
+    # The covariance is the pose graph's marginal (the back end is on by default), in ROS order:
+    # small, non-zero, symmetric positive definite; tracking OK.
     for m in odom:
         cov = np.reshape(m.pose.covariance, (6, 6))
         sigma = np.sqrt(np.diag(cov))
-        assert 0 < sigma[0] < 0.05 * seq.scene_extent and np.allclose(sigma[:3], sigma[0]) and np.allclose(sigma[3:], sigma[3])
+        assert 0 < sigma.min() and sigma[:3].max() < 0.05 * seq.scene_extent and sigma[3:].max() < 0.1
+        np.testing.assert_allclose(cov, cov.T, atol=1e-12)
+        assert np.linalg.eigvalsh(cov).min() > 0
     assert run.first["diagnostics"]["tracking_state"] == "OK"
 
 

@@ -62,6 +62,9 @@ def test_yaml_and_declared_parameters_are_the_same_set(ros_context):
     node = make_node(ros_context, **values)  # the node accepts every YAML value as it is
     try:
         assert declared(node) == set(values) == set(all_parameter_docs())
+        # The names issue 13 gives the back end and sessions (ROS and --param alike).
+        assert {"pose_graph", "loop_closure", "loop_min_score", "loop_min_keyframe_gap", "loop_min_inlier_fraction",
+                "load_directory", "localization_only", "save_directory"} <= declared(node)
         for name, value in values.items():
             assert node.get_parameter(name).value == value, name
             descriptor = node.describe_parameter(name)
@@ -130,7 +133,7 @@ def test_launch_file_matches_the_node(ros_context):
     for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For)):
         if isinstance(loop.iter, ast.Tuple):
             overridden |= {ast.literal_eval(e) for e in loop.iter.elts}
-    assert overridden == {"checkpoint", "backbone", "threads"}
+    assert overridden == {"checkpoint", "backbone", "threads", "load_directory", "localization_only"}
     node_raw = make_node(ros_context)
     node_compressed = make_node(ros_context, image_transport="compressed")
     try:

@@ -131,3 +131,54 @@ def test_a_new_map_during_a_window_marks_its_result_stale_and_errors_do_not_stop
     assert [stage for stage, _ in errors] == ["intake"] and "cannot handle" in str(errors[0][1])
     epochs = [epoch for epoch, _, _, result in published if result is not None]
     assert epochs == [0, 1] and pipeline.map_epoch == 1  # the first window started before the new map
+
+
+def test_session_services_save_load_and_explain_failures(tmp_path):
+    """The ROS-free bodies of ~/save_map and ~/load_map (spark3r_ros.node_support) with a real
+    Mapper and the drifting TEST DOUBLE: save writes map, trajectory and session/; load accepts
+    the save folder or its session/, and a bad folder or an empty parameter is a clear error."""
+    import pytest as _pytest
+
+    from spark3r.mapping import Frame, KeyframeConfig, MapConfig, Mapper, MapperConfig, WindowConfig
+    from spark3r.mapping.testing import DriftingBackbone, loop_sequence
+    from spark3r_ros.node_support import load_map, mapper_diagnostics, save_map, session_directory
+
+    seq = loop_sequence(num_frames=16)
+    config = MapperConfig(keyframe=KeyframeConfig(min_parallax_px=0.0, min_time_gap_s=0.0),
+                          window=WindowConfig(window_size=6, window_stride=3), map=MapConfig(voxel_size=0.02))
+    mapper = Mapper(config, DriftingBackbone(seq, seed=0), base_to_camera=seq.base_to_camera)
+    for i in range(len(seq)):
+        mapper.offer(Frame(seq.images[i], int(seq.stamps_ns[i]), seq.K))
+    mapper.flush()
+    message = save_map(mapper, tmp_path / "saved")
+    assert "session in" in message and (tmp_path / "saved" / "session" / "session.json").is_file()
+    assert session_directory(tmp_path / "saved") == tmp_path / "saved" / "session"
+    assert session_directory(tmp_path / "saved" / "session") == tmp_path / "saved" / "session"
+    other = Mapper(config, DriftingBackbone(seq, seed=0), base_to_camera=seq.base_to_camera)
+    assert "localization only" in load_map(other, tmp_path / "saved", localization_only=True)
+    assert other.localization_only and len(other.store) == len(mapper.store)
+    assert "mapping" in load_map(other, tmp_path / "saved" / "session", localization_only=False)
+    assert not other.localization_only
+    with _pytest.raises(ValueError, match="load_directory is empty"):
+        load_map(other, "", localization_only=False)
+    kept = len(other.store)
+    with _pytest.raises(ValueError, match=str(tmp_path / "nothing")):
+        load_map(other, tmp_path / "nothing", localization_only=False)
+    assert len(other.store) == kept and len(other.voxel_map) > 0   # a failed load leaves the map as it was
+    values = mapper_diagnostics(mapper)
+    assert "tracking_state" not in values and values["backend"] == 1 and values["graph_nodes"] == len(mapper.store)
+    assert all(not isinstance(v, dict) for v in values.values())
+
+
+def test_diagnostic_summary_names_loops_and_relocalization():
+    from spark3r_ros.node_support import diagnostic_summary
+
+    values = {"images_received": 10, "windows_mapped": 3, "keyframes": 9, "map_points": 100, "backend": 1,
+              "loops_accepted": 2, "loops_rejected": 1, "localization_only": 1, "tracking_state": "RELOCALIZED"}
+    level, message = diagnostic_summary(values, "")
+    assert level == "ok" and message.startswith("RELOCALIZED") and "2 loops (1 rejected)" in message
+    assert "localization only" in message
+    level, message = diagnostic_summary(dict(values, tracking_state="LOST", tracking_lost_windows=2), "")
+    assert level == "warn" and "LOST for 2" in message and "relocalizing" in message
+    level, message = diagnostic_summary(dict(values, backend=0, tracking_state="OK"), "")
+    assert level == "ok" and "loops" not in message

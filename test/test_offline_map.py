@@ -142,7 +142,10 @@ def test_mcap_output_is_readable_by_rosbags_mcap_and_rclpy(gt_run, bench):
         assert t == stamp == tr.header.stamp.sec * 10**9 + tr.header.stamp.nanosec
         assert (tr.header.frame_id, tr.child_frame_id) == ("odom", "base_link")
         assert (map_odom.header.frame_id, map_odom.child_frame_id) == ("map", "odom")
-        assert map_odom.transform.rotation.w == 1.0 and map_odom.transform.translation.x == 0.0
+        # map -> odom: the back end's correction, the identity without a revisit.
+        assert map_odom.transform.rotation.w == pytest.approx(1.0, abs=1e-9)
+        assert np.allclose([map_odom.transform.translation.x, map_odom.transform.translation.y,
+                            map_odom.transform.translation.z], 0.0, atol=1e-6)
         expected = cam @ invert_rigid(base_to_cam)
         assert np.allclose([tr.transform.translation.x, tr.transform.translation.y, tr.transform.translation.z],
                            expected[:3, 3], atol=1e-9)
@@ -462,4 +465,8 @@ def test_offline_odometry_covariance_and_tracking_lost_records(bench, tmp_path):
     assert all(0 < v < 1.0 for v in variances[:12]) and 9999.0 in variances
     lost = odometry[variances.index(9999.0)]
     assert np.all(np.diag(np.reshape(lost.pose.covariance, (6, 6))) == 9999.0)
-    assert lost.pose.pose == odometry[11].pose.pose  # the last pose before tracking was lost
+    # The last pose before tracking was lost (held by the lost record, or where the back end starts
+    # the new, unlinked segment: also with 9999).
+    def position(m):
+        return [m.pose.pose.position.x, m.pose.pose.position.y, m.pose.pose.position.z]
+    assert np.allclose(position(lost), position(odometry[11]), atol=1e-6)

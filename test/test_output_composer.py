@@ -140,3 +140,80 @@ def test_node_conversion_and_offline_bag_carry_identical_messages(tmp_path):
     for msg in written["/spark3r_mapping/odometry"]:
         pose_cov = np.reshape(msg.pose.covariance, (6, 6))
         assert np.all(np.diag(pose_cov) > 0) and np.count_nonzero(pose_cov - np.diag(np.diag(pose_cov))) == 0
+
+
+def test_back_end_correction_goes_to_map_to_odom_and_odometry_stays_continuous():
+    """With back-end poses (REP-105): map -> odom is the back end's correction; odom -> base_link
+    and the Odometry are T_map_odom^-1 T_map_base, continuous when a loop moves the map poses;
+    the Path is rebuilt from the optimised trajectory; the graph covariance is rotated into odom."""
+    from spark3r.mapping.outputs import BackendPoses
+    from spark3r.mapping.tracking import ros_pose_covariance
+
+    composer = OutputComposer(OutputConfig(transform_tolerance=0.0))
+    w0 = window(0, [1.0, 1.5, 2.0], starts_map=True)
+    cov_rot_first = np.diag([1e-4, 2e-4, 3e-4, 1e-2, 2e-2, 3e-2])   # rotation block first, as gtsam's tangent
+    cov = ros_pose_covariance(cov_rot_first)
+    np.testing.assert_allclose(np.diag(cov), [1e-2, 2e-2, 3e-2, 1e-4, 2e-4, 3e-4])
+    first = composer.compose_window(w0, backend=BackendPoses(np.eye(4), w0.keyframes, "OK", cov))
+    # A loop: the back end moves every pose by a correction C; the front end's chain does not move.
+    C = make_transform(Rotation.from_rotvec([0, 0, 0.3]).as_matrix(), [0.4, -0.2, 0.0])
+    w1 = window(1, [2.5, 3.0])
+    moved = tuple(MappedKeyframe(k.id, k.stamp_ns, C @ k.camera_to_map, C @ k.base_to_map, k.K, k.window_index)
+                  for k in w0.keyframes + w1.keyframes)
+    second = composer.compose_window(WindowResult(1, moved[3:], w1.points_xyz, w1.points_rgb, 1.0, 0.0, 1.0, 3, 0.1, False),
+                                     backend=BackendPoses(C, moved, "RELOCALIZED", cov))
+    for out, correction in ((first, np.eye(4)), (second, C)):
+        for kf in out.keyframes:
+            odom_base, map_odom = kf.transforms
+            np.testing.assert_allclose(map_odom.T, correction, atol=1e-12)
+            t = kf.odometry.stamp_ns / S
+            np.testing.assert_allclose(odom_base.T, base_pose(t), atol=1e-9)   # continuous: the uncorrected chain
+            np.testing.assert_allclose(kf.odometry.pose, base_pose(t), atol=1e-9)
+    # The twist across the loop is the robot's, not the correction's.
+    linear, _ = body_twist(base_pose(2.0), base_pose(2.5), 0.5)
+    np.testing.assert_allclose(second.keyframes[0].odometry.linear, linear, atol=1e-9)
+    # The Path (map frame) holds every keyframe at its corrected pose.
+    assert len(second.path.poses) == 5
+    for p, k in zip(second.path.poses, moved):
+        np.testing.assert_allclose(p.pose, k.base_to_map, atol=1e-12)
+    # Covariance: the graph's, rotated from map into odom (a rotation about z here).
+    R = invert_rigid(C)[:3, :3]
+    J = np.zeros((6, 6))
+    J[:3, :3] = J[3:, 3:] = R
+    np.testing.assert_allclose(second.keyframes[0].odometry.pose_covariance, J @ cov @ J.T, atol=1e-15)
+    assert composer.tracking.state == "RELOCALIZED"
+    # LOST from the back end (a new, unlinked segment): 9999 on the diagonal, as compose_lost.
+    lost = composer.compose_window(window(2, [3.5]), backend=BackendPoses(C, moved, "LOST", ros_pose_covariance(np.diag(np.full(6, 1e4)))))
+    assert np.all(np.diag(lost.keyframes[0].odometry.pose_covariance) == 9999.0) and composer.tracking.state == "LOST"
+
+
+def test_poses_updated_record_rebuilds_the_path_and_carries_the_map():
+    composer = OutputComposer(OutputConfig())
+    w0 = window(0, [1.0, 1.5], starts_map=True)
+    composer.compose_window(w0)
+    C = make_transform(np.eye(3), [0.0, 1.0, 0.0])
+    moved = [MappedKeyframe(k.id, k.stamp_ns, C @ k.camera_to_map, C @ k.base_to_map, k.K, 0) for k in w0.keyframes]
+    xyz, rgb = np.ones((7, 3), np.float32), np.zeros((7, 3), np.uint8)
+    update = composer.compose_poses_updated(moved, xyz, rgb)
+    assert [p.stamp_ns for p in update.path.poses] == [k.stamp_ns for k in moved] and update.path.frame_id == "map"
+    np.testing.assert_allclose(update.path.poses[1].pose, moved[1].base_to_map)
+    assert update.map.frame_id == "map" and len(update.map.xyz) == 7 and update.map.stamp_ns == moved[-1].stamp_ns
+
+
+def test_back_end_path_reuses_the_records_of_keyframes_that_did_not_move():
+    """The Path is rebuilt every window from the trajectory; a keyframe object the mapper did not
+    replace keeps its PoseRecord (the node converts only moved poses), a moved one gets a new one,
+    and path_max_size keeps the newest."""
+    from spark3r.mapping.outputs import BackendPoses
+
+    composer = OutputComposer(OutputConfig(path_max_size=4))
+    w0 = window(0, [1.0, 1.5, 2.0], starts_map=True)
+    first = composer.compose_window(w0, backend=BackendPoses(np.eye(4), w0.keyframes, "OK", None))
+    w1 = window(1, [2.5, 3.0])
+    moved = MappedKeyframe(w0.keyframes[2].id, w0.keyframes[2].stamp_ns, np.eye(4), np.eye(4), np.eye(3), 0)
+    trajectory = (w0.keyframes[0], w0.keyframes[1], moved) + w1.keyframes
+    second = composer.compose_window(w1, backend=BackendPoses(np.eye(4), trajectory, "OK", None))
+    assert [p.stamp_ns for p in second.path.poses] == [k.stamp_ns for k in trajectory[1:]]
+    assert second.path.poses[0] is first.path.poses[1]          # unchanged keyframe: same record
+    assert second.path.poses[1] is not first.path.poses[2]      # moved keyframe: a new record
+    np.testing.assert_allclose(second.path.poses[1].pose, np.eye(4))

@@ -209,6 +209,11 @@ def add_stream_arguments(p) -> None:
     g.add_argument("--busy-core", action="store_true",
                    help="also time every window while another process keeps one core busy (busy_core_slowdown "
                         "per pipeline; compare --threads values)")
+    g.add_argument("--backend", action="store_true",
+                   help="with --stream: the SLAM back end's per-keyframe cost and RSS over a long keyframe stream "
+                        "(a cheap test double stands in for the model; see spark3r/bench/backend.py)")
+    g.add_argument("--keyframes", type=int, default=2000, help="--backend: keyframes in the stream (default 2000)")
+    g.add_argument("--bucket", type=int, default=200, help="--backend: keyframes per reported bucket (default 200)")
 
 
 def stream_config_from_args(args, methods, method_params) -> StreamBenchConfig:
@@ -225,6 +230,16 @@ def run_stream_from_args(args) -> int:
 
     from .cli_args import method_params
 
+    if args.backend:
+        from .backend import backend_stream_benchmark
+
+        result = backend_stream_benchmark(args.keyframes, args.bucket, seed=args.seed or 0)
+        text = strict_json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+        return 0
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else ("dense", "uniform", "spark3r")
     result = run_stream_bench(stream_config_from_args(args, methods, method_params(args, methods)))
     text = strict_json.dumps(result, indent=1)

@@ -15,14 +15,15 @@ double). Conventions of their output: :mod:`spark3r.mapping.backbone`.
 """
 from .alignment import AlignmentResult, Sim3, robust_sim3, umeyama
 from .backbone import Backbone, Prediction
-from .config import BackboneConfig, KeyframeConfig, MapConfig, MapperConfig, OutputConfig, WindowConfig, parameter_docs
+from .config import BackboneConfig, BackendConfig, KeyframeConfig, MapConfig, MapperConfig, OutputConfig, WindowConfig, parameter_docs
 from .frames import Frame, Keyframe
 from .keyframes import KeyframeDecision, KeyframeGate
 from .mapper import OPTICAL_IN_BODY, MappedKeyframe, Mapper, MapperStats, WindowResult
+from .tracking import TRACKING_INITIALIZING, TRACKING_LOST, TRACKING_OK, TRACKING_RELOCALIZED
 from .voxel_map import VoxelMap
 
 __all__ = [
-    "AlignmentResult", "Backbone", "BackboneConfig", "Frame", "Keyframe", "KeyframeConfig", "KeyframeDecision",
+    "AlignmentResult", "Backbone", "BackboneConfig", "BackendConfig", "Frame", "Keyframe", "KeyframeConfig", "KeyframeDecision",
     "KeyframeGate", "MapConfig", "MappedKeyframe", "Mapper", "MapperConfig", "MapperStats", "OPTICAL_IN_BODY", "OutputConfig",
-    "Prediction", "Sim3", "VoxelMap", "WindowConfig", "WindowResult", "parameter_docs", "robust_sim3", "umeyama",
+    "Prediction", "Sim3", "TRACKING_INITIALIZING", "TRACKING_LOST", "TRACKING_OK", "TRACKING_RELOCALIZED", "VoxelMap", "WindowConfig", "WindowResult", "parameter_docs", "robust_sim3", "umeyama",
 ]

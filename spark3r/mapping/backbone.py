@@ -14,6 +14,9 @@ Whatever a model's own convention, a backbone returns ONE convention:
   so the full image is ``(0, 0, W, H)``) that the depth grid spans; a centre-cropping
   preprocessor reports its crop here. Depth cell (r, c) looks at image point
   ``(x0 + (c + 0.5) (x1 - x0) / w - 0.5, y0 + (r + 0.5) (y1 - y0) / h - 0.5)``.
+* ``descriptors [S, D]`` float32, optional: a unit-length place descriptor per frame (see
+  :func:`spark3r.mapping.place_recognition.place_descriptor`); None when the backbone has none
+  (then the mapper does no loop closure).
 
 Frames come back in the order of the window passed in.
 """
@@ -34,6 +37,7 @@ class Prediction:
     depth: np.ndarray
     conf: np.ndarray
     depth_box: tuple[float, float, float, float]
+    descriptors: Optional[np.ndarray] = None
 
     @property
     def num_frames(self) -> int:
@@ -52,6 +56,10 @@ class Prediction:
         box = self.depth_box
         if len(box) != 4 or not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
             return f"Prediction.depth_box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}"
+        d = self.descriptors
+        if d is not None and (not isinstance(d, np.ndarray) or d.ndim != 2 or d.shape[0] != S or d.shape[1] < 1
+                              or not np.all(np.isfinite(d))):
+            return f"Prediction.descriptors must be None or a finite array [S={S}, D], got {getattr(d, 'shape', type(d).__name__)}"
         return None
 
     def finite_frames(self, K: Optional[np.ndarray] = None) -> np.ndarray:

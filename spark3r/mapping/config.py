@@ -267,6 +267,60 @@ class OutputConfig:
 
 
 @dataclass
+class BackendConfig:
+    """The SLAM back end: keyframe store, Sim(3) pose graph, loop closure (README "SLAM back end")."""
+
+    pose_graph: bool = param(
+        True, "optimise keyframe poses in a Sim(3) pose graph (gtsam, windowed Levenberg-Marquardt) fed by every window; false = plain "
+              "sliding-window odometry (a keyframe's pose is frozen when mapped, tracking loss restarts the map)")
+    graph_rotation_sigma_deg: float = param(
+        1.0, "standard deviation (degrees) of a window's relative rotation between two keyframes at zero alignment "
+             "residual; inflated by the window's residual and inlier fraction", range=(1e-6, 180.0))
+    graph_translation_sigma: float = param(
+        0.02, "standard deviation of a window's relative translation as a fraction of the keyframe's median depth; "
+              "inflated like graph_rotation_sigma_deg", range=(1e-9, 100.0))
+    graph_scale_sigma: float = param(
+        0.02, "standard deviation of a window's relative log-scale between two keyframes; inflated like "
+              "graph_rotation_sigma_deg", range=(1e-9, 10.0))
+    keyframe_points: int = param(
+        4000, "confident points kept per keyframe in its own camera frame (the map cache is rebuilt from them when "
+              "poses change; at most max_points_per_keyframe)", range=(16, 10000000))
+    map_update_threshold: float = param(
+        0.5, "a keyframe's points are moved in the map cache when an optimisation moves them by more than this many "
+             "voxels", range=(1e-3, 1e6))
+    map_updates_per_window: int = param(
+        32, "keyframes re-inserted in the map cache per window after an optimisation moved them; the others follow in "
+            "later windows (flush, save and save_session move all)", range=(1, 10000000))
+    store_keyframes_in_memory: int = param(
+        500, "keyframes whose image and points stay in memory; older ones are spilled to a temporary directory and read "
+             "back on demand (0 = never spill)", range=(0, 100000000))
+    loop_closure: bool = param(
+        True, "search earlier keyframes for the current place (descriptors from the backbone's own tokens), verify "
+              "candidates with the backbone and add loop constraints; needs pose_graph and a backbone that returns "
+              "descriptors")
+    loop_min_score: float = param(
+        0.85, "cosine similarity of place descriptors above which an earlier keyframe becomes a loop candidate",
+        range=(-1.0, 1.0))
+    loop_min_keyframe_gap: int = param(
+        20, "a loop candidate must be at least this many keyframes older than the current keyframe (recent keyframes "
+            "are already linked by the windows)", range=(1, 100000000))
+    loop_min_inlier_fraction: float = param(
+        0.4, "a loop candidate is accepted only if at least this share of the current keyframe's points lands on the "
+             "candidate's surfaces (and its depth scale agrees) in the verification window", range=(0.0, 1.0),
+        exclusive=("low",))
+    loop_max_drift: float = param(
+        0.5, "a verified loop is accepted only if it moves the current keyframe relative to the candidate by at most "
+             "this fraction of the path length between them (rotation: this many radians per median scene depth of "
+             "path, at least 0.3 rad)", range=(1e-6, 100.0))
+    loop_cooldown_keyframes: int = param(
+        10, "after an accepted loop, no new loop search for this many keyframes (localization-only: relocalize every "
+           "this many keyframes)", range=(0, 100000000))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
 class BackboneConfig:
     backbone: str = param("vggt-1b", "model preset: vggt-1b, pi3, pi3-speed3r, da3-small, da3-base, da3-large, "
                                      "da3-giant, vggt-nano (built in); vggt-tiny, pi3-tiny, pi3-speed3r-tiny for tests",
@@ -415,14 +469,15 @@ class MapperConfig:
     keyframe: KeyframeConfig = field(default_factory=KeyframeConfig, metadata={"doc": "keyframe gate"})
     window: WindowConfig = field(default_factory=WindowConfig, metadata={"doc": "sliding window and alignment"})
     map: MapConfig = field(default_factory=MapConfig, metadata={"doc": "point extraction and voxel map"})
+    backend: BackendConfig = field(default_factory=BackendConfig, metadata={"doc": "keyframe store, pose graph, loop closure"})
 
     def __post_init__(self) -> None:
-        for name, cls in (("keyframe", KeyframeConfig), ("window", WindowConfig), ("map", MapConfig)):
+        for name, cls in (("keyframe", KeyframeConfig), ("window", WindowConfig), ("map", MapConfig), ("backend", BackendConfig)):
             value = getattr(self, name)
             if not isinstance(value, cls):
                 raise TypeError(f"MapperConfig.{name} must be a {cls.__name__}, got {type(value).__name__}")
 
-    SECTIONS = {"keyframe": KeyframeConfig, "window": WindowConfig, "map": MapConfig}
+    SECTIONS = {"keyframe": KeyframeConfig, "window": WindowConfig, "map": MapConfig, "backend": BackendConfig}
 
     @classmethod
     def parameter_names(cls) -> set[str]:
@@ -431,7 +486,7 @@ class MapperConfig:
     @classmethod
     def from_flat(cls, values: dict[str, Any], strict: bool = True) -> "MapperConfig":
         """Build from flat ``{parameter_name: value}`` (how ROS parameters arrive); names are
-        unique across the three sections. Unknown names raise ValueError when ``strict``."""
+        unique across the sections. Unknown names raise ValueError when ``strict``."""
         owner = {f.name: s for s, c in cls.SECTIONS.items() for f in fields(c)}
         kwargs: dict[str, dict[str, Any]] = {s: {} for s in cls.SECTIONS}
         unknown = []

@@ -83,9 +83,10 @@ def preprocess(image: np.ndarray, geometry: NetworkGeometry) -> torch.Tensor:
     return out
 
 
-def to_prediction(decoded: BackboneOutputs, geometry: NetworkGeometry) -> Prediction:
+def to_prediction(decoded: BackboneOutputs, geometry: NetworkGeometry, descriptors=None) -> Prediction:
     """A backbone's decoded outputs (batch of one window) -> the mapper's :class:`Prediction`,
-    with intrinsics mapped from network pixels to keyframe-image pixels."""
+    with intrinsics mapped from network pixels to keyframe-image pixels; ``descriptors``: the
+    frames' place descriptors ``[S, D]`` (or None)."""
     missing = [name for name in ("c2w", "intrinsics", "depth", "conf") if getattr(decoded, name) is None]
     if missing:
         raise ValueError(f"the backbone's decoded outputs lack {missing}; the mapper needs heads {MAPPING_HEADS}")
@@ -95,6 +96,7 @@ def to_prediction(decoded: BackboneOutputs, geometry: NetworkGeometry) -> Predic
         depth=decoded.depth[0].cpu().numpy(),
         conf=decoded.conf[0].cpu().numpy(),
         depth_box=geometry.box,
+        descriptors=descriptors,
     )
 
 
@@ -166,6 +168,7 @@ class ModelBackbone:
         # because OpenMP keeps the team size per thread. threads_used: what the last forward got.
         self.threads = resolve_threads(threads)
         self.threads_used: Optional[int] = None
+        self._descriptor_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     @classmethod
     def from_config(cls, config: BackboneConfig, window_size: int = 16, window_stride: int = 8) -> "ModelBackbone":
@@ -212,17 +215,39 @@ class ModelBackbone:
         with torch.inference_mode():
             outputs = self.model(images[None], patch_tokens=tokens[None], heads=MAPPING_HEADS)
             decoded = self.model.decode(outputs, geometry.network_hw)
-        return to_prediction(decoded, geometry)
+        return to_prediction(decoded, geometry, self._descriptors(window, tokens, geometry))
 
     def forget(self, keyframe_ids) -> None:
         if self.cache is not None:
             self.cache.forget(keyframe_ids)
+        ids = set(int(i) for i in keyframe_ids)
+        for key in [k for k in self._descriptor_cache if k[0] in ids]:
+            del self._descriptor_cache[key]
 
     def reset(self) -> None:
         if self.cache is not None:
             self.cache.clear()
+        self._descriptor_cache.clear()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _descriptors(self, window: Sequence[Keyframe], tokens: torch.Tensor, geometry: NetworkGeometry) -> np.ndarray:
+        """Place descriptors from the encoder's patch tokens the window already has (no extra
+        network; :func:`~spark3r.mapping.place_recognition.frame_descriptors`), one per keyframe,
+        remembered by keyframe id for as long as its tokens are cached."""
+        from .place_recognition import frame_descriptors
+
+        grid_hw = (geometry.network_hw[0] // self.patch_size, geometry.network_hw[1] // self.patch_size)
+        missing = [i for i, kf in enumerate(window) if (kf.id, geometry.network_hw) not in self._descriptor_cache]
+        if missing:
+            fresh = frame_descriptors(tokens[missing].float().cpu().numpy(), grid_hw)
+            for i, d in zip(missing, fresh):
+                self._descriptor_cache[(window[i].id, geometry.network_hw)] = d
+        for kf in window:  # the window's own entries are the most recently used
+            self._descriptor_cache.move_to_end((kf.id, geometry.network_hw))
+        while len(self._descriptor_cache) > max(self.cache.max_frames if self.cache is not None else 0, len(window)):
+            self._descriptor_cache.popitem(last=False)
+        return np.stack([self._descriptor_cache[(kf.id, geometry.network_hw)] for kf in window])
 
     def _inputs(self, window: Sequence[Keyframe], geometry: NetworkGeometry) -> tuple[torch.Tensor, torch.Tensor]:
         """Network images ``[S, 3, h, w]`` and patch tokens ``[S, Np, C]``, from the cache where

@@ -8,7 +8,13 @@ Tracking state (the node reports it on ``/diagnostics`` as ``tracking_state``):
   (too few shared keyframes, residual or inliers out of bounds) or the backbone's output was
   dropped (non-finite, invalid, an exception). It stays ``LOST`` until a window is mapped again
   (aligned once more, or restarting the map when no keyframe of the map is left in the window).
-  The SLAM back end adds ``RELOCALIZED``.
+* ``RELOCALIZED`` (SLAM back end, ``MapperStats.tracking_state``): the last window re-linked a
+  lost graph segment to the map (or, localization-only, found the loaded map); ``OK`` again
+  after the next mapped window.
+
+With the back end on (``backend.pose_graph``), ``LOST`` also means a window that could not be
+linked to the map started a new graph segment that runs unlinked until relocalization. These
+constants are the only spelling of the states (the mapper and the composer import them).
 
 Pose covariance of a mapped keyframe (6x6, ROS order x, y, z, rotation about x, y, z; isotropic,
 so the same in any frame). A window's poses are as good as its alignment to the map:
@@ -41,6 +47,7 @@ import numpy as np
 TRACKING_INITIALIZING = "INITIALIZING"
 TRACKING_OK = "OK"
 TRACKING_LOST = "LOST"
+TRACKING_RELOCALIZED = "RELOCALIZED"
 
 LOST_VARIANCE = 9999.0      # rtabmap's value for an unknown pose
 ERROR_FLOOR = 0.01          # relative error of a perfectly aligned window (1% of the depth)
@@ -86,6 +93,35 @@ def twist_covariance(pose_cov: np.ndarray, dt_s: float) -> np.ndarray:
     return np.asarray(pose_cov, dtype=np.float64) * (2.0 / dt_s ** 2)
 
 
+def ros_pose_covariance(cov_rotation_first: np.ndarray) -> np.ndarray:
+    """A pose-graph marginal in tangent order (rotation about x, y, z, then translation;
+    ``Mapper.pose_covariance``) in ROS order (x, y, z, then rotation about x, y, z).
+    ``LOST_VARIANCE`` on the diagonal when it is unusable (non-finite, or already that large)."""
+    cov = np.asarray(cov_rotation_first, dtype=np.float64)
+    if cov.shape != (6, 6) or not np.all(np.isfinite(cov)) or np.max(np.diag(cov)) >= LOST_VARIANCE:
+        return lost_covariance()
+    order = [3, 4, 5, 0, 1, 2]
+    return cov[np.ix_(order, order)]
+
+
+def rotate_covariance(cov: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """A 6x6 (translation, rotation) covariance expressed in a frame rotated by ``R``
+    (``R`` maps the old frame's axes into the new one); an unknown (lost) one stays as it is."""
+    cov = np.asarray(cov, dtype=np.float64)
+    if np.max(np.diag(cov)) >= LOST_VARIANCE:
+        return cov
+    J = np.zeros((6, 6))
+    J[:3, :3] = J[3:, 3:] = np.asarray(R, dtype=np.float64)
+    return J @ cov @ J.T
+
+
+def poses_moved(before, after) -> bool:
+    """True when, between two ``MapperStats`` snapshots, the back end moved poses it had already
+    given (an accepted loop closure or a relocalization that re-linked a segment)."""
+    return (getattr(after, "loops_accepted", 0) > getattr(before, "loops_accepted", 0)
+            or getattr(after, "relocalizations", 0) > getattr(before, "relocalizations", 0))
+
+
 def window_failed(before, after, result) -> bool:
     """True when, between two ``MapperStats`` snapshots around one ``process_pending`` call, the
     backbone ran on a window that gave no poses (not one discarded because of a reset)."""
@@ -107,6 +143,17 @@ class TrackingMonitor:
 
     def mapped(self) -> None:
         self.state, self.lost_windows = TRACKING_OK, 0
+
+    def adopt(self, state: str) -> None:
+        """The SLAM back end's state after a mapped window (it may be ``LOST``: a new segment
+        runs unlinked, or ``RELOCALIZED``)."""
+        if state == TRACKING_LOST:
+            if self.state != TRACKING_LOST:
+                self.losses += 1
+            self.lost_windows += 1
+        else:
+            self.lost_windows = 0
+        self.state = state
 
     def failed(self) -> bool:
         """A window gave no poses; True if that means tracking is lost (a map exists)."""

@@ -92,6 +92,38 @@ class VoxelMap:
             self._evict_beyond_capacity()
             return len(self._keys)
 
+    def remove(self, xyz: np.ndarray, rgb: np.ndarray) -> int:
+        """Take back points added earlier by :meth:`insert` (the same ``xyz``/``rgb``), e.g. a
+        keyframe's points at the pose it had before an optimisation moved it. Voxels left with
+        no observation disappear; points whose voxel was evicted meanwhile are ignored. Returns
+        the number of voxels after the removal."""
+        xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+        rgb = np.asarray(rgb).reshape(-1, 3)
+        if len(rgb) != len(xyz):
+            raise ValueError(f"VoxelMap.remove: {len(xyz)} points but {len(rgb)} colours")
+        finite = np.all(np.isfinite(xyz), axis=1)
+        xyz, rgb = xyz[finite], rgb[finite].astype(np.float64)
+        idx = np.floor(xyz / self.voxel_size).astype(np.int64)
+        in_range = np.all((idx >= -_OFFSET) & (idx < _OFFSET), axis=1)
+        with self._lock:
+            if not np.any(in_range) or not len(self._keys):
+                return len(self._keys)
+            xyz, rgb = xyz[in_range], rgb[in_range]
+            keys = _pack(idx[in_range])
+            pos = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+            hit = self._keys[pos] == keys
+            pos, xyz, rgb = pos[hit], xyz[hit], rgb[hit]
+            n = len(self._keys)
+            for a in range(3):
+                self._xyz_sum[:, a] -= np.bincount(pos, weights=xyz[:, a], minlength=n)
+                self._rgb_sum[:, a] -= np.bincount(pos, weights=rgb[:, a], minlength=n)
+            self._count -= np.bincount(pos, minlength=n)
+            keep = self._count > 0
+            if not np.all(keep):
+                self._keys, self._xyz_sum, self._rgb_sum = self._keys[keep], self._xyz_sum[keep], self._rgb_sum[keep]
+                self._count, self._updated = self._count[keep], self._updated[keep]
+            return len(self._keys)
+
     def _evict_beyond_capacity(self) -> None:
         excess = len(self._keys) - self.max_points
         if excess <= 0:

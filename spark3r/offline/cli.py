@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--progress-interval seconds)")
     p.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
                    help="seconds between plain progress lines when stderr is not a terminal (default 30)")
+    p.add_argument("--save-session", type=Path, metavar="DIR",
+                   help="also write a loadable map session (keyframes, poses, graph, descriptors, points) to DIR")
+    p.add_argument("--load-session", type=Path, metavar="DIR",
+                   help="start from a saved session: new keyframes extend it once relocalized (see --localization-only)")
+    p.add_argument("--localization-only", action="store_true",
+                   help="with --load-session: only localize in the loaded map, never extend it")
 
 
 DEFAULT_BACKBONE = "vggt-1b"
@@ -165,7 +171,9 @@ def run(args) -> int:
             backbone = ModelBackbone.from_config(backbone, config.window.window_size, config.window.window_stride)
         report = run_map(source, args.out, config, backbone, backbone_info=info, overwrite=args.overwrite,
                          progress=None if args.no_progress else sys.stderr, live_progress=sys.stderr.isatty(),
-                         progress_interval_s=args.progress_interval, max_frames=args.max_frames)
+                         progress_interval_s=args.progress_interval, max_frames=args.max_frames,
+                         load_session=args.load_session, localization_only=args.localization_only,
+                         save_session=args.save_session)
     except (ValueError, TypeError, OSError) as exc:
         print(f"spark3r map: error: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ import numpy as np
 from spark3r.data.bag_io import TF_STATIC_TOPIC, TF_TYPE, header_msg, qos_profile, typestore
 from spark3r.geometry import matrix_to_quat_xyzw
 from spark3r.data.cloud_layout import CLOUD_FIELDS, POINTFIELD_FLOAT32, cloud_payload
-from spark3r.mapping.outputs import CloudRecord, OdometryRecord, PathRecord, TransformRecord, WindowOutputs
+from spark3r.mapping.outputs import CloudRecord, OdometryRecord, PathRecord, PosesUpdate, TransformRecord, WindowOutputs
 
 TF_TOPIC = "/tf"
 NODE_NAMESPACE = "/spark3r_mapping"
@@ -155,6 +155,12 @@ class MapBagWriter:
     def write_odometry(self, record: OdometryRecord) -> None:
         """An Odometry without a window (tracking lost: the last pose with a large covariance)."""
         self._write(self._odometry, record.stamp_ns, self._odometry_msg(record), ODOMETRY_TYPE)
+
+    def write_poses_update(self, update: PosesUpdate) -> None:
+        """After the back end moved published poses (a loop closure, a relocalization): the Path
+        with the corrected poses and the rebuilt map, as the node republishes them."""
+        self._write(self._path, update.path.stamp_ns, self._path_msg(update.path), PATH_TYPE)
+        self.write_map(update.map)
 
     def write_map(self, record: CloudRecord) -> None:
         self._write(self._map, record.stamp_ns, self._cloud_msg(record), CLOUD_TYPE)

@@ -8,7 +8,8 @@ Output directory (appears atomically; ``report.json`` says whether the run was c
   ``keyframes/<stamp>_conf.png`` 16-bit confidence (value * ``conf_scale``); ``keyframes.json``
   lists them with scales, intrinsics and the depth grid's image box
 * ``mapping.bag/``     rosbag2 mcap with /tf, /tf_static, odometry, path, clouds, named as the
-  live node publishes them (see map_bag.py)
+  live node publishes them (see map_bag.py; after a loop closure or relocalization, the corrected
+  path and the rebuilt map, as the node republishes them)
 * ``report.json``      input, timings, drops, scales, alignment residuals, ``"complete"`` and
   ``"interrupted"`` flags
 
@@ -32,6 +33,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,8 @@ from spark3r.data import strict_json
 from spark3r.data.io import temp_sibling, atomic_write, format_stamp_ns
 from spark3r.mapping import Frame, Mapper, MapperConfig, WindowResult
 from spark3r.mapping.config import OutputConfig
-from spark3r.mapping.outputs import OutputComposer
+from spark3r.mapping.outputs import OutputComposer, backend_poses
+from spark3r.mapping.tracking import poses_moved
 from spark3r.offline.inputs import OfflineInput
 from spark3r.offline.map_bag import MapBagWriter
 
@@ -53,18 +56,18 @@ PNG_MAX = 65535
 
 
 class RecordingBackbone:
-    """Wraps a backbone and keeps its last prediction, so per-keyframe depth and confidence can
-    be saved for the keyframes each window maps (the mapper keeps them private)."""
+    """Wraps a backbone and keeps its recent predictions, so per-keyframe depth and confidence
+    can be saved for the keyframes each window maps (the mapper keeps them private). The back
+    end also runs the backbone on loop-verification windows; :meth:`covering` picks the mapping
+    window among them."""
 
     def __init__(self, backbone):
         self.inner = backbone
-        self.last_window_ids: tuple[int, ...] = ()
-        self.last_prediction = None
+        self._recent: deque = deque(maxlen=8)   # (window ids, prediction), newest last
         self.calls = 0
         self.last_latency_s: Optional[float] = None  # wall time of the last call, also a failed one
 
     def predict(self, window):
-        self.last_prediction = None
         self.calls += 1
         self.last_latency_s = None
         t0 = time.monotonic()
@@ -72,9 +75,17 @@ class RecordingBackbone:
             prediction = self.inner.predict(window)
         finally:
             self.last_latency_s = time.monotonic() - t0
-        self.last_window_ids = tuple(kf.id for kf in window)
-        self.last_prediction = prediction
+        self._recent.append((tuple(kf.id for kf in window), prediction))
         return prediction
+
+    def covering(self, keyframe_ids) -> tuple[tuple[int, ...], object]:
+        """The newest prediction whose window holds all of ``keyframe_ids``: ``(ids, prediction)``
+        or ``((), None)``."""
+        wanted = set(keyframe_ids)
+        for ids, prediction in reversed(self._recent):
+            if wanted <= set(ids):
+                return ids, prediction
+        return (), None
 
     def forget(self, keyframe_ids) -> None:
         forget = getattr(self.inner, "forget", None)
@@ -195,11 +206,10 @@ class _Run:
     keyframes: list = field(default_factory=list)
     windows: list = field(default_factory=list)
 
-    def save_window(self, result: WindowResult) -> None:
-        pred = self.recorder.last_prediction
-        ids = self.recorder.last_window_ids
+    def save_window(self, result: WindowResult, backend=None) -> None:
+        ids, pred = self.recorder.covering([kf.id for kf in result.keyframes])
         if result.keyframes:
-            self.bag.write_window(self.composer.compose_window(result))
+            self.bag.write_window(self.composer.compose_window(result, backend=backend))
         for kf in result.keyframes:
             entry = {"id": kf.id, "stamp": format_stamp_ns(kf.stamp_ns), "stamp_ns": kf.stamp_ns,
                      "window": result.window_index, "K": np.asarray(kf.K).tolist()}
@@ -280,12 +290,19 @@ def _summary(values: list[float]) -> dict:
 
 def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, backbone_info: Optional[dict] = None,
             overwrite: bool = False, progress: Optional[TextIO] = None, max_frames: Optional[int] = None,
-            live_progress: bool = True, progress_interval_s: float = 30.0) -> dict:
+            live_progress: bool = True, progress_interval_s: float = 30.0,
+            load_session=None, localization_only: bool = False, save_session=None) -> dict:
     """Map every frame of ``source`` with ``Mapper(config, backbone)`` and write the outputs to
     ``out_dir`` (see the module docstring). Returns the report. Ctrl-C / SIGTERM
     (KeyboardInterrupt) ends the run early with valid partial outputs; other errors leave nothing
     at ``out_dir``. ``progress``: stream for progress (None: none), a live line when
-    ``live_progress`` else a plain line every ``progress_interval_s`` seconds."""
+    ``live_progress`` else a plain line every ``progress_interval_s`` seconds.
+
+    Sessions (:mod:`spark3r.mapping.session`): ``load_session`` starts from a saved map (and,
+    with ``localization_only``, only localizes in it); ``save_session`` writes the session
+    at the end (its own atomic directory)."""
+    if localization_only and load_session is None:
+        raise ValueError("localization-only mode needs a session to localize in (--load-session)")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists; choose another --out or pass --overwrite")
@@ -304,7 +321,8 @@ def run_map(source: OfflineInput, out_dir, config: MapperConfig, backbone, *, ba
         raise type(exc)(f"cannot create {out}: {exc.strerror or exc}") from None
     try:
         with _graceful_interrupt() as stop, _logs_beside(reporter):
-            report = _map_into(source, staging, config, backbone, backbone_info, reporter, max_frames, stop)
+            report = _map_into(source, staging, config, backbone, backbone_info, reporter, max_frames, stop,
+                               load_session, localization_only, save_session)
             if out.exists():
                 old = temp_sibling(out)
                 os.replace(out, old)
@@ -345,9 +363,12 @@ def _drop_counts(mapper: Mapper) -> dict:
 
 
 def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbone, backbone_info, progress: Progress,
-              max_frames, stop: _StopFlag) -> dict:
+              max_frames, stop: _StopFlag, load_session=None, localization_only: bool = False,
+              save_session=None) -> dict:
     recorder = RecordingBackbone(backbone)
     mapper = Mapper(config, recorder, base_to_camera=source.base_to_camera)
+    if load_session is not None:
+        mapper.load_session(load_session, localization_only=localization_only)
     (staging / "keyframes").mkdir()
     # The live node's default frames and TF policy (it owns odometry), with the input's base frame.
     try:
@@ -360,13 +381,16 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
     attempts: list[dict] = []  # every backbone run: its outcome and latency
 
     def step(force: bool) -> Optional[WindowResult]:
-        calls, before = recorder.calls, _drop_counts(mapper)
+        calls, before, stats_before = recorder.calls, _drop_counts(mapper), mapper.stats
         result = mapper.process_pending(force=force)
         if recorder.calls == calls:
             return result
         if result is not None:
             outcome = "mapped"
-            run.save_window(result)
+            run.save_window(result, backend_poses(mapper))
+            if poses_moved(stats_before, mapper.stats):  # a loop or relocalization: what the node republishes
+                mapper.refresh_map()
+                bag.write_poses_update(composer.compose_poses_updated(mapper.trajectory, *mapper.voxel_map.points()))
         else:
             after = _drop_counts(mapper)
             outcome = next((_DROP_COUNTERS[k] for k in _DROP_COUNTERS if after[k] > before[k]), "dropped")
@@ -409,6 +433,7 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         stop.finishing = True
         progress.update(frames, mapper, force=True)
         progress.close()
+        mapper.refresh_map()  # the back end's map cache at the final poses
         xyz, rgb = mapper.voxel_map.points()
         if first_stamp is not None:
             bag.write_map(composer.map_cloud(xyz, rgb, last_stamp))
@@ -417,6 +442,8 @@ def _map_into(source: OfflineInput, staging: Path, config: MapperConfig, backbon
         bag.abort()
         raise
     mapper.save(staging)
+    if save_session is not None:
+        mapper.save_session(save_session)
     with atomic_write(staging / "keyframes.json", "w") as fh:
         strict_json.dump({"frame": "map", "depth_units": "map units (= metres only for a metric backbone)",
                           "keyframes": run.keyframes}, fh, indent=1)
