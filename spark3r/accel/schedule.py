@@ -97,30 +97,40 @@ class KVSchedule:
         return cls(**fields)
 
 
-def save_schedule(schedule: KVSchedule, path: Union[str, Path]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_json_file(payload: dict, path: Union[str, Path]) -> Path:
     from spark3r.data import strict_json
 
-    path.write_text(strict_json.dumps(schedule.to_dict(), indent=1) + "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(strict_json.dumps(payload, indent=1) + "\n")
     return path
 
 
-def load_schedule(path: Union[str, Path]) -> KVSchedule:
+def _read_json_file(path: Union[str, Path], what: str, parse):
+    """``parse(dict)`` of the JSON file at ``path``; every failure names the file (``what`` says
+    which kind of file it should have been)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"schedule file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"schedule file {path} is not a text (UTF-8 JSON) file; write one with "
+        raise ValueError(f"{what} file {path} is not a text (UTF-8 JSON) file; write one with "
                          "`spark3r calibrate --out FILE`") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"schedule file {path} is not valid JSON: {e}") from None
+        raise ValueError(f"{what} file {path} is not valid JSON: {e}") from None
     try:
-        return KVSchedule.from_dict(data)
+        return parse(data)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"schedule file {path}: {e}") from None
+        raise type(e)(f"{what} file {path}: {e}") from None
+
+
+def save_schedule(schedule: KVSchedule, path: Union[str, Path]) -> Path:
+    return _write_json_file(schedule.to_dict(), path)
+
+
+def load_schedule(path: Union[str, Path]) -> KVSchedule:
+    return _read_json_file(path, "schedule", KVSchedule.from_dict)
 
 
 # Default per-layer keep fractions, as a profile over the relative depth t = layer / (L - 1).
@@ -251,21 +261,11 @@ class LayerTiers:
 
 
 def save_tiers(tiers: LayerTiers, path: Union[str, Path]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(tiers.to_dict(), indent=1) + "\n")
-    return path
+    return _write_json_file(tiers.to_dict(), path)
 
 
 def load_tiers(path: Union[str, Path]) -> LayerTiers:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"layer-tiers file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"layer-tiers file {path} is not valid JSON: {e}") from e
-    return LayerTiers.from_dict(data)
+    return _read_json_file(path, "layer-tiers", LayerTiers.from_dict)
 
 
 def default_tiers(backbone: Optional[str], num_layers: int) -> LayerTiers:
