@@ -47,17 +47,23 @@ class VoxelMap:
         with self._lock:
             return int(len(self._keys))
 
-    def insert(self, xyz: np.ndarray, rgb: np.ndarray) -> int:
-        """Add points ``xyz [N, 3]`` (map units) with colours ``rgb [N, 3] uint8``; non-finite
-        points are skipped. Returns the number of voxels after the insert."""
+    def _voxelise(self, xyz, rgb, caller: str):
+        """Finite points ``xyz`` with float colours, their voxel indices and which indices the
+        key packing can hold."""
         xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
         rgb = np.asarray(rgb).reshape(-1, 3)
         if len(rgb) != len(xyz):
-            raise ValueError(f"VoxelMap.insert: {len(xyz)} points but {len(rgb)} colours")
+            raise ValueError(f"VoxelMap.{caller}: {len(xyz)} points but {len(rgb)} colours")
         finite = np.all(np.isfinite(xyz), axis=1)
         xyz, rgb = xyz[finite], rgb[finite].astype(np.float64)
         idx = np.floor(xyz / self.voxel_size).astype(np.int64)
         in_range = np.all((idx >= -_OFFSET) & (idx < _OFFSET), axis=1)
+        return xyz, rgb, idx, in_range
+
+    def insert(self, xyz: np.ndarray, rgb: np.ndarray) -> int:
+        """Add points ``xyz [N, 3]`` (map units) with colours ``rgb [N, 3] uint8``; non-finite
+        points are skipped. Returns the number of voxels after the insert."""
+        xyz, rgb, idx, in_range = self._voxelise(xyz, rgb, "insert")
         with self._lock:
             self.points_out_of_range += int(np.count_nonzero(~in_range))
             if not np.any(in_range):
@@ -97,14 +103,7 @@ class VoxelMap:
         keyframe's points at the pose it had before an optimisation moved it. Voxels left with
         no observation disappear; points whose voxel was evicted meanwhile are ignored. Returns
         the number of voxels after the removal."""
-        xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
-        rgb = np.asarray(rgb).reshape(-1, 3)
-        if len(rgb) != len(xyz):
-            raise ValueError(f"VoxelMap.remove: {len(xyz)} points but {len(rgb)} colours")
-        finite = np.all(np.isfinite(xyz), axis=1)
-        xyz, rgb = xyz[finite], rgb[finite].astype(np.float64)
-        idx = np.floor(xyz / self.voxel_size).astype(np.int64)
-        in_range = np.all((idx >= -_OFFSET) & (idx < _OFFSET), axis=1)
+        xyz, rgb, idx, in_range = self._voxelise(xyz, rgb, "remove")
         with self._lock:
             if not np.any(in_range) or not len(self._keys):
                 return len(self._keys)
