@@ -114,6 +114,30 @@ def test_shipped_file_loads_strictly_and_resumes(tmp_path):
     assert cont["run_state"]["step"] == 6
 
 
+def test_init_starts_a_new_stage_from_trained_weights(tmp_path):
+    torch.set_num_threads(1)
+    assert cli_main(_tiny_args(tmp_path / "stage1", "--until-step", "3")) == 0
+    first, src = read_resume_payload(tmp_path / "stage1")
+    # Stage 2: other data and loss weights; the weights carry over, the optimizer and step do not.
+    assert cli_main(_tiny_args(tmp_path / "stage2", "--init", str(tmp_path / "stage1"), "--until-step", "0",
+                               "--frames", "2", "2", "--camera-weight", "10")) == 0
+    second, _ = read_resume_payload(tmp_path / "stage2")
+    assert second["run_state"]["step"] == 0 and not second["optimizer"]["state"]
+    for k in first["model"]:
+        assert torch.equal(first["model"][k], second["model"][k]), k
+    cfg = second["train_config"]
+    assert cfg["init_from"] == str(src) and cfg["objective"]["camera_weight"] == 10.0
+    assert cfg["data"]["max_frames"] == 2
+    # Continuing a stage with --resume keeps its settings; mixing both, or a wrong preset, is refused.
+    assert cli_main(["train", "--out", str(tmp_path / "stage2"), "--resume", str(tmp_path / "stage2"),
+                     "--until-step", "2", "--workers", "0"]) == 0
+    assert read_resume_payload(tmp_path / "stage2")[0]["train_config"]["init_from"] == str(src)
+    assert cli_main(_tiny_args(tmp_path / "x", "--init", str(tmp_path / "stage1"), "--resume", str(tmp_path / "stage1"))) == 2
+    assert cli_main(_tiny_args(tmp_path / "y", "--init", str(tmp_path / "stage1"), "--preset", "vggt-tiny")) == 2
+    with pytest.raises(ValueError, match="camera_weight"):
+        ObjectiveConfig(camera_weight=-1.0)
+
+
 def test_depth_metrics_are_scale_invariant():
     rng = np.random.default_rng(0)
     gt = rng.uniform(1, 5, (3, 8, 8))

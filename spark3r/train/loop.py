@@ -54,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0  # max global gradient norm
     init_seed: int = 0  # parameter initialisation
+    init_from: str = ""  # weights this run started from (a checkpoint or "builtin"); "" = from scratch
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     eval_every: int = 500
@@ -91,6 +92,7 @@ class TrainConfig:
         d["data"] = DataConfig.from_dict(d["data"])
         d["objective"] = ObjectiveConfig(**d["objective"])
         d["evaluation"] = EvalConfig(**d["evaluation"])
+        d.setdefault("init_from", "")  # checkpoints written before the field existed
         return cls(**d)
 
 
@@ -187,6 +189,11 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.state = RunState()
+
+    def load_weights(self, state_dict: dict) -> None:
+        """Start from trained weights (strict) with a fresh optimizer and schedule: a new stage
+        of training, e.g. a curriculum step, unlike :meth:`load_state` which continues a run."""
+        self.model.load_state_dict(state_dict, strict=True)
 
     # -- checkpoints -----------------------------------------------------------------------------
 

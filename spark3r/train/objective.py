@@ -38,6 +38,14 @@ class ObjectiveConfig:
     keep_quantile: float = 0.98  # per-pixel losses above this quantile are dropped (outliers)
     gradient_scales: int = 4
 
+    def __post_init__(self) -> None:
+        for name in ("camera_weight", "depth_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.camera_weight == 0 and self.depth_weight == 0:
+            raise ValueError("camera_weight and depth_weight cannot both be 0: nothing would be trained")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
