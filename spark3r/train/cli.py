@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=1000, help="linear warm-up steps [0, steps]")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay [0, 1)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (> 0)")
+    p.add_argument("--layer-scale-init", type=float, default=1.0,
+                   help="initial LayerScale gamma of every block, from scratch (0, 10]; VGGT's own 0.01 leaves the "
+                        "aggregator a near pass-through when nothing is pretrained")
     p.add_argument("--init-seed", type=int, default=0, help="parameter initialisation seed")
     p.add_argument("--data-seed", type=int, default=0, help="training stream seed (scenes come from the training seed range)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per step [1, 256]")
@@ -72,7 +75,7 @@ def _config_from_args(args, preset: str, init_from: str = ""):
     objective = ObjectiveConfig(camera_weight=args.camera_weight, depth_weight=args.depth_weight)
     return TrainConfig(preset=preset, init_from=init_from, objective=objective, steps=args.steps or 60000, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       init_seed=args.init_seed, ckpt_every=args.ckpt_every, keep_checkpoints=args.keep,
+                       init_seed=args.init_seed, layer_scale_init=args.layer_scale_init, ckpt_every=args.ckpt_every, keep_checkpoints=args.keep,
                        eval_every=args.eval_every, log_every=args.log_every, data=data, evaluation=evaluation)
 
 
