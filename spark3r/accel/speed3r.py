@@ -247,8 +247,7 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     out = torch.empty_like(q)
     if table.dense.numel():
         out[:, :, table.dense] = exact_attention(q.index_select(2, table.dense), k, v, scale)
-    fused = native.block_attention_usable(q) and not any(t.requires_grad for t in (q, k, v) if torch.is_grad_enabled())
-    if fused:
+    if native.block_attention_usable(q, k, v):
         _fused_block_queries(qb, kb, vb, k, v, q_pool, k_pool, v_pool, log_sizes, table, top, scale, chunk_elements,
                              workspace, out)
         return out
@@ -336,6 +335,20 @@ def _fused_block_queries(qb, kb, vb, k, v, q_pool, k_pool, v_pool, log_sizes, ta
                                query_tokens=table.tokens, query_valid=valid)
 
 
+def fused_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                                 block_tokens: int, scale: float) -> Optional[torch.Tensor]:
+    """The learned layer's selection branch through the fused CPU kernel, as the ``kernel`` of
+    :func:`~spark3r.models.layers.sparse_attention.block_sparse_attention` (same arguments, same
+    result); None where the kernel cannot run."""
+    if not native.block_attention_usable(q, k, v):
+        return None
+    b, h, n_tok, d = q.shape
+    blocks = [t.reshape(b * h, n_tok // block_tokens, block_tokens, d).contiguous() for t in (q, k, v)]
+    out = torch.empty(b, h, n_tok, d, dtype=q.dtype, device=q.device)
+    native.block_attention(*blocks, index.reshape(b * h, blocks[0].shape[1], -1).contiguous(), 0, out, scale)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The op
 
@@ -361,7 +374,7 @@ class Speed3ROp:
         if inputs.has_gates:
             grad = torch.is_grad_enabled()  # out= gathers are not differentiable
             return gated_sparse_attention(inputs, self.config.block_size, self.config.top_k, self.chunk_elements,
-                                          None if grad else self.workspace.buffer)
+                                          None if grad else self.workspace.buffer, fused_block_sparse_attention)
         q, k, v = inputs.qkv()
         return self(q, k, v, inputs.layout)
 

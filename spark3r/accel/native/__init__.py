@@ -132,13 +132,13 @@ def pair_merge(rows: torch.Tensor, head_row: torch.Tensor, token_step: int, memb
 BLOCK_ATTENTION_MAX_DIM = 256
 
 
-def block_attention_usable(q: torch.Tensor) -> bool:
-    """Whether :func:`block_attention` can run for queries like ``q [B, H, N, d]``: CPU, fp32,
-    head size a multiple of 8 up to 256, no autograd, and the kernel builds."""
+def block_attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`block_attention` can run on ``q, k, v [B, H, N, d]``: CPU, fp32, head size
+    a multiple of 8 up to 256, no autograd, and the kernel builds."""
     d = q.shape[-1]
-    grad = torch.is_grad_enabled() and q.requires_grad
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and d % 8 == 0 and d <= BLOCK_ATTENTION_MAX_DIM
-            and not grad and load("block_attention") is not None)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v)) and d % 8 == 0
+            and d <= BLOCK_ATTENTION_MAX_DIM and not grad and load("block_attention") is not None)
 
 
 def _optional(t: Optional[torch.Tensor], kind):

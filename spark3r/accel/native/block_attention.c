@@ -229,11 +229,9 @@ void spark3r_block_attention_f32(const float *qb, const float *kb, const float *
     int64_t total = groups * count;
 #pragma omp parallel for schedule(static)
     for (int64_t item = 0; item < total; ++item) {
-        /* Head sizes spelled out so the tile loops are fully unrolled with constant offsets. */
+        /* The common head size spelled out so the tile loops are unrolled with constant offsets. */
         if (d == 64)
             run_item(&a, item, 64);
-        else if (d == 128)
-            run_item(&a, item, 128);
         else
             run_item(&a, item, (int)d);
     }
