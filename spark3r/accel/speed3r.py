@@ -40,8 +40,11 @@ logit bias uses their true size).
 Memory: the pooled logits exist only for a chunk of query blocks at a time (``chunk_elements``
 floats per intermediate), the gathered keys of the selected blocks for one cache-sized tile
 (:func:`~spark3r.models.layers.sparse_attention.selected_block_tiles`), so 8k+ tokens never
-materialise a tokens x tokens or blocks x top_k x tokens tensor. Pure PyTorch, any device/dtype;
-the pooled branch and all softmax statistics are computed in fp32.
+materialise a tokens x tokens or blocks x top_k x tokens tensor. PyTorch on any device/dtype
+(the spec); the pooled branch and all softmax statistics are computed in fp32. On CPU in fp32
+without autograd the block queries (always-selected keys, selected blocks, pooled part and the
+merge) run in one fused C kernel instead (``native/block_attention.c``, off with
+``SPARK3R_NATIVE=0``), which also serves the learned layer's selection branch.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ the checkpoint was trained with it.
 Memory: pooled logits exist for a chunk of query blocks at a time (``chunk_elements`` floats
 per intermediate), gathered keys for one cache-sized tile of one head; pure PyTorch, any device and dtype; pooled logits,
 top-k and the pooled softmax in fp32. ``spark3r.accel.speed3r`` reuses these pieces for its
-training-free mode on other backbones.
+training-free mode on other backbones, and hands :func:`block_sparse_attention` its fused CPU
+``kernel`` (the model's own op, :class:`LearnedSparseAttention`, runs this eager code).
 """
 from __future__ import annotations
 
