@@ -93,6 +93,17 @@ def test_kernel_reads_strided_views_and_writes_any_output_strides(kernels, monke
     assert_agree(fused, reference)
 
 
+def test_kernel_takes_queries_whose_rows_are_not_unit_stride(kernels, monkeypatch):
+    layout = TokenLayout(3, 5 + 5 * 7, 5, (5, 7), 0)
+    q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in qkv(1, 2, layout.num_tokens, 64, seed=6))
+    assert q.stride(-1) != 1
+    config = Speed3RConfig((4, 4), 2)
+    with torch.no_grad():
+        fused = training_free_attention(q, k, v, layout, config, workspace=Workspace())
+        reference = eager(monkeypatch, lambda: training_free_attention(q, k, v, layout, config, workspace=Workspace()))
+    assert_agree(fused, reference)
+
+
 @pytest.mark.parametrize("blocks,top_k", [(12, 4), (3, 5)])  # 3 < 5: the official padding repeats the last block
 def test_learned_selection_kernel_matches_the_eager_branch(kernels, blocks, top_k):
     bt = 16

@@ -248,6 +248,8 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         key_bias = torch.zeros(nb, bt, device=q.device).masked_fill_(~table.valid, float("-inf"))
     top = min(config.top_k, nk)
     out = torch.empty_like(q)
+    if out.stride(-1) != 1:  # q's own layout, unless its rows are not unit-stride (the kernel writes rows)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if table.dense.numel():
         out[:, :, table.dense] = exact_attention(q.index_select(2, table.dense), k, v, scale)
     if native.block_attention_usable(q, k, v):
