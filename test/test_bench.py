@@ -33,6 +33,7 @@ def test_bench_json_is_well_formed_on_the_tiny_preset(tmp_path, capsys):
     assert data["methods"]["spark3r"]["fidelity"]["depth_rel"] > 0
     assert "RSS" in data["memory_measurement"]
     assert data["environment"]["native_merge_kernel"] is (native.load("pair_merge") is not None)
+    assert data["environment"]["native_block_attention_kernel"] is (native.load("block_attention") is not None)
 
 
 def test_flops_only_and_attention_scope():

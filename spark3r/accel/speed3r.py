@@ -40,8 +40,11 @@ logit bias uses their true size).
 Memory: the pooled logits exist only for a chunk of query blocks at a time (``chunk_elements``
 floats per intermediate), the gathered keys of the selected blocks for one cache-sized tile
 (:func:`~spark3r.models.layers.sparse_attention.selected_block_tiles`), so 8k+ tokens never
-materialise a tokens x tokens or blocks x top_k x tokens tensor. Pure PyTorch, any device/dtype;
-the pooled branch and all softmax statistics are computed in fp32.
+materialise a tokens x tokens or blocks x top_k x tokens tensor. PyTorch on any device/dtype
+(the spec); the pooled branch and all softmax statistics are computed in fp32. On CPU in fp32
+without autograd the block queries (always-selected keys, selected blocks, pooled part and the
+merge) run in one fused C kernel instead (``native/block_attention.c``, off with
+``SPARK3R_NATIVE=0``), which also serves the learned layer's selection branch.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from spark3r.models.layers.layout import TokenLayout
 from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, TILE_ELEMENTS, chunk_ranges, gated_sparse_attention,
                                                     selected_block_tiles, topk_key_blocks)
 
+from . import native
 from .common import Workspace, check_qkv, exact_attention, gather_rows, layout_key
 from .op import AttentionCost, attention_matmul_flops, dense_cost
 
@@ -244,8 +248,14 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         key_bias = torch.zeros(nb, bt, device=q.device).masked_fill_(~table.valid, float("-inf"))
     top = min(config.top_k, nk)
     out = torch.empty_like(q)
+    if out.stride(-1) != 1:  # q's own layout, unless its rows are not unit-stride (the kernel writes rows)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if table.dense.numel():
         out[:, :, table.dense] = exact_attention(q.index_select(2, table.dense), k, v, scale)
+    if native.block_attention_usable(q, k, v):
+        _fused_block_queries(qb, kb, vb, k, v, q_pool, k_pool, v_pool, log_sizes, table, top, scale, chunk_elements,
+                             workspace, out)
+        return out
     always = None
     if table.always.numel():
         # The always-selected keys for all block queries in one call (merged per chunk below).
@@ -278,10 +288,7 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                 o_sel[ts:te], lse_sel[ts:te] = o_t[0], lse_t[0]
             parts.append((o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt)))
             if top < nk:
-                # Every unselected block as one key: logit = mean logit + log(size), value = mean value.
-                w = logits.mul_(scale).add_(log_sizes).scatter_(-1, index, float("-inf"))
-                lse = torch.logsumexp(w, dim=-1)
-                o = torch.matmul(torch.softmax(w, dim=-1), v_pool)
+                o, lse = _pooled_part(logits, index, log_sizes, v_pool, scale)
                 parts.append((o[:, :, :, None, :], lse[:, :, :, None]))
         merged = merge_partial_attention(parts, None if workspace is None else  # [B, H, c, bt, d]
                                          workspace.buffer("speed3r.merged", (b, h, c, bt, d), torch.float32, q.device))
@@ -290,6 +297,60 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             out[:, :, table.tokens[s:e][valid]] = merged[:, :, valid]
         else:
             out[:, :, table.tokens[s:e].reshape(-1)] = merged.reshape(b, h, c * bt, d)
+    return out
+
+
+def _pooled_part(logits: torch.Tensor, index: torch.Tensor, log_sizes: torch.Tensor, v_pool: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every unselected block as one key (logit = mean logit + log(size), value = mean value):
+    ``(out [B, H, c, d], lse [B, H, c])`` of the pooled part; overwrites ``logits``."""
+    w = logits.mul_(scale).add_(log_sizes).scatter_(-1, index, float("-inf"))
+    return torch.matmul(torch.softmax(w, dim=-1), v_pool), torch.logsumexp(w, dim=-1)
+
+
+def _fused_block_queries(qb, kb, vb, k, v, q_pool, k_pool, v_pool, log_sizes, table: BlockTable, top: int,
+                         scale: float, chunk_elements: int, workspace: Optional[Workspace], out: torch.Tensor) -> None:
+    """The block queries' rows of ``out`` through the fused CPU kernel (``native/block_attention.c``):
+    always-selected keys, selected blocks and pooled part in one online softmax per query block,
+    read from the block-major gathers — the same result as the eager chunk loop."""
+    b, h, nb, bt, d = qb.shape
+    nk = table.key_blocks.numel()
+    always = None
+    if table.always.numel():
+        index = table.always.expand(b, h, -1)
+        always = tuple(gather_rows(t, index, None if workspace is None else workspace.buffer(
+            f"speed3r.always_{name}", (b, h, index.shape[-1], d), t.dtype, t.device)).view(b * h, -1, d)
+            for name, t in (("k", k), ("v", v)))
+    kv_blocks = [t.view(b * h, nb, bt, d) for t in (qb, kb, vb)]
+    valid = table.valid if table.padded else None
+    k_pool_t = k_pool.transpose(-1, -2)
+    for s, e in chunk_ranges(nb, b * h * (2 * nk + 2 * d), chunk_elements):
+        c = e - s
+        extra = None
+        if top:
+            logits = torch.matmul(q_pool[:, :, s:e], k_pool_t)
+            index = topk_key_blocks(logits, top)
+            rows = table.key_blocks[index].view(b * h, c, top)
+            if top < nk:
+                o, lse = _pooled_part(logits, index, log_sizes, v_pool, scale)
+                extra = (o.reshape(b * h, c, d), lse.reshape(b * h, c))
+        else:
+            rows = torch.zeros(b * h, c, 0, dtype=torch.int64, device=qb.device)
+        native.block_attention(*kv_blocks, rows, s, out, scale, key_valid=valid, always=always, extra=extra,
+                               query_tokens=table.tokens, query_valid=valid)
+
+
+def fused_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                                 block_tokens: int, scale: float) -> Optional[torch.Tensor]:
+    """The learned layer's selection branch through the fused CPU kernel, as the ``kernel`` of
+    :func:`~spark3r.models.layers.sparse_attention.block_sparse_attention` (same arguments, same
+    result); None where the kernel cannot run."""
+    if not native.block_attention_usable(q, k, v):
+        return None
+    b, h, n_tok, d = q.shape
+    blocks = [t.reshape(b * h, n_tok // block_tokens, block_tokens, d).contiguous() for t in (q, k, v)]
+    out = torch.empty(b, h, n_tok, d, dtype=q.dtype, device=q.device)
+    native.block_attention(*blocks, index.reshape(b * h, blocks[0].shape[1], -1).contiguous(), 0, out, scale)
     return out
 
 
@@ -308,6 +369,8 @@ class Speed3ROp:
         self.chunk_elements = int(chunk_elements)
         # Gather buffers shared by the chunks and layers of a forward (per thread).
         self.workspace = Workspace()
+        # Build the fused kernel now (a cache hit after the first time), not inside the first forward.
+        native.load("block_attention")
 
     def is_identity(self, layer: int) -> bool:
         return False
@@ -316,7 +379,7 @@ class Speed3ROp:
         if inputs.has_gates:
             grad = torch.is_grad_enabled()  # out= gathers are not differentiable
             return gated_sparse_attention(inputs, self.config.block_size, self.config.top_k, self.chunk_elements,
-                                          None if grad else self.workspace.buffer)
+                                          None if grad else self.workspace.buffer, fused_block_sparse_attention)
         q, k, v = inputs.qkv()
         return self(q, k, v, inputs.layout)
 

@@ -335,7 +335,10 @@ def run_bench(cfg: BenchConfig) -> dict:
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "device": str(device),
                         "dtype": cfg.dtype,
                         # whether spark3r's fused CPU merge kernel could be built (else eager PyTorch)
-                        "native_merge_kernel": device.type == "cpu" and native.load("pair_merge") is not None},
+                        "native_merge_kernel": device.type == "cpu" and native.load("pair_merge") is not None,
+                        # the same for speed3r's fused block-attention kernel
+                        "native_block_attention_kernel": device.type == "cpu"
+                        and native.load("block_attention") is not None},
         "methods": {},
     }
 

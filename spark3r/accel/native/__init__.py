@@ -34,10 +34,16 @@ _lock = threading.Lock()
 _libraries: dict[str, Optional[ctypes.CDLL]] = {}
 
 _i64, _f32p, _i64p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+_u8p, _f32 = ctypes.POINTER(ctypes.c_uint8), ctypes.c_float
 # Exported functions and their argument types, per source file.
 _SIGNATURES = {
     "pair_merge": {
         "spark3r_pair_merge_f32": (_f32p, _i64, _i64p, _i64, _i64p, _i64, _i64, _f32p, _i64, _i64, _i64p),
+    },
+    "block_attention": {
+        "spark3r_block_attention_f32": (_f32p, _f32p, _f32p, _i64, _i64, _i64, _u8p, _f32p, _f32p, _i64, _i64, _i64,
+                                        _i64, _i64p, _i64, _f32p, _f32p, _i64p, _u8p, _f32p, _i64, _i64, _i64, _i64,
+                                        _f32),
     },
 }
 
@@ -120,3 +126,54 @@ def pair_merge(rows: torch.Tensor, head_row: torch.Tensor, token_step: int, memb
     head_row = head_row.contiguous()
     lib.spark3r_pair_merge_f32(_ptr(rows, _f32p), d, _ptr(head_row, _i64p), token_step, _ptr(members, _i64p),
                                groups, heads, _ptr(out, _f32p), out.shape[2], out_offset, _ptr(best, _i64p))
+
+
+# Largest head size block_attention.c handles (its DMAX); its tiles also need a multiple of 8.
+BLOCK_ATTENTION_MAX_DIM = 256
+
+
+def block_attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`block_attention` can run on ``q, k, v [B, H, N, d]``: CPU, fp32, head size
+    a multiple of 8 up to 256, no autograd, and the kernel builds."""
+    d = q.shape[-1]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v)) and d % 8 == 0
+            and d <= BLOCK_ATTENTION_MAX_DIM and not grad and load("block_attention") is not None)
+
+
+def _optional(t: Optional[torch.Tensor], kind):
+    return None if t is None else _ptr(t, kind)
+
+
+def block_attention(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, selected: torch.Tensor, first: int,
+                    out: torch.Tensor, scale: float, key_valid: Optional[torch.Tensor] = None,
+                    always: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                    extra: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                    query_tokens: Optional[torch.Tensor] = None, query_valid: Optional[torch.Tensor] = None) -> None:
+    """Run ``spark3r_block_attention_f32`` (see block_attention.c) on query blocks ``first ..
+    first + c - 1`` of every head, writing their rows of ``out``.
+
+    ``qb, kb, vb [G, nb, bt, d]`` contiguous block-major queries/keys/values (G = B*H),
+    ``selected [G, c, top]`` int64 rows of ``kb`` each query block attends to, ``out [B, H, N,
+    d]`` (any strides, last one 1). Optional: ``key_valid [nb, bt]`` bool (False: padding slot,
+    no key), ``always`` (keys, values) ``[G, A, d]`` contiguous attended by every block,
+    ``extra`` (out ``[G, c, d]``, lse ``[G, c]``) fp32 one more partial result per block merged
+    by its log-sum-exp, ``query_tokens [nb, bt]`` int64 output token of each query slot (default:
+    block-major order) and ``query_valid [nb, bt]`` bool (False: slot not written)."""
+    lib = load("block_attention")
+    g_count, nb, bt, d = kb.shape
+    b, h = out.shape[0], out.shape[1]
+    count, top = selected.shape[1], selected.shape[2]
+    assert qb.shape == kb.shape == vb.shape and all(t.is_contiguous() for t in (qb, kb, vb, selected))
+    assert g_count == b * h and out.stride(-1) == 1 and d <= BLOCK_ATTENTION_MAX_DIM and d % 8 == 0
+    flags = [None if t is None else t.to(torch.uint8).contiguous() for t in (key_valid, query_valid)]
+    ak, av = always if always is not None else (None, None)
+    eo, el = extra if extra is not None else (None, None)
+    for t in (ak, av, eo, el):
+        assert t is None or (t.is_contiguous() and t.dtype == torch.float32)
+    tokens = None if query_tokens is None else query_tokens.contiguous()
+    lib.spark3r_block_attention_f32(
+        _ptr(qb, _f32p), _ptr(kb, _f32p), _ptr(vb, _f32p), nb, bt, d, _optional(flags[0], _u8p),
+        _optional(ak, _f32p), _optional(av, _f32p), 0 if ak is None else ak.shape[1], g_count, first, count,
+        _ptr(selected, _i64p), top, _optional(eo, _f32p), _optional(el, _f32p), _optional(tokens, _i64p),
+        _optional(flags[1], _u8p), _ptr(out, _f32p), h, out.stride(0), out.stride(1), out.stride(2), scale)

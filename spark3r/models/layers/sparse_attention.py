@@ -21,7 +21,8 @@ the checkpoint was trained with it.
 Memory: pooled logits exist for a chunk of query blocks at a time (``chunk_elements`` floats
 per intermediate), gathered keys for one cache-sized tile of one head; pure PyTorch, any device and dtype; pooled logits,
 top-k and the pooled softmax in fp32. ``spark3r.accel.speed3r`` reuses these pieces for its
-training-free mode on other backbones.
+training-free mode on other backbones, and hands :func:`block_sparse_attention` its fused CPU
+``kernel`` (the model's own op, :class:`LearnedSparseAttention`, runs this eager code).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ CHUNK_ELEMENTS = 1 << 24
 
 # (name, shape, dtype, device) -> a scratch tensor that may be reused across calls.
 Buffer = Callable[[str, tuple, torch.dtype, torch.device], torch.Tensor]
+# A faster implementation of block_sparse_attention: (q, k, v, index, block_tokens, scale) -> its
+# result, or None where it cannot run.
+BlockKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], Optional[torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,13 +166,18 @@ def selected_block_tiles(kb: torch.Tensor, vb: torch.Tensor, index: torch.Tensor
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, block_tokens: int,
                            scale: float, chunk_elements: int = CHUNK_ELEMENTS,
-                           buffer: Optional[Buffer] = None) -> torch.Tensor:
+                           buffer: Optional[Buffer] = None, kernel: Optional[BlockKernel] = None) -> torch.Tensor:
     """The selection branch on consecutive blocks: the queries of block m attend, in one softmax,
     to all tokens of the key blocks ``index[..., m, :]`` (a repeated block counts repeatedly).
 
     ``q, k, v [B, H, N, d]`` with N a multiple of ``block_tokens``, ``index [B, H, N/bt, k]``
     -> ``[B, H, N, d]``. Gathered keys exist one tile at a time (:func:`selected_block_tiles`;
-    ``chunk_elements`` bounds a tile's floats when it is the smaller budget)."""
+    ``chunk_elements`` bounds a tile's floats when it is the smaller budget). ``kernel`` (e.g.
+    ``spark3r.accel.speed3r``'s fused CPU kernel) is tried first; this function is its spec."""
+    if kernel is not None:
+        out = kernel(q, k, v, index, block_tokens, scale)
+        if out is not None:
+            return out
     b, h, n_tok, d = q.shape
     bt = block_tokens
     n = n_tok // bt
@@ -195,10 +204,11 @@ def gated_combine(out_pooled: torch.Tensor, out_selected: torch.Tensor, gates: t
 
 
 def gated_sparse_attention(inputs, window: tuple[int, int], top_k: int, chunk_elements: int = CHUNK_ELEMENTS,
-                           buffer: Optional[Buffer] = None) -> torch.Tensor:
+                           buffer: Optional[Buffer] = None, kernel: Optional[BlockKernel] = None) -> torch.Tensor:
     """The official Speed3R layer (module docstring) from the layer's
     :class:`~spark3r.models.layers.attention.AttentionLayerInputs`: ``[B, H, N, d]`` before the
-    output projection. ``buffer(name, shape, dtype, device)`` may hand out reusable gather buffers."""
+    output projection. ``buffer(name, shape, dtype, device)`` may hand out reusable gather buffers;
+    ``kernel`` is handed to :func:`block_sparse_attention`."""
     layout: TokenLayout = inputs.layout
     bt = window[0] * window[1]
     if layout.window != tuple(window) or layout.special_tokens:
@@ -214,7 +224,7 @@ def gated_sparse_attention(inputs, window: tuple[int, int], top_k: int, chunk_el
     out_pooled, index = pooled_attention(q_c, k_c, pool_blocks(v, bt), top_k, inputs.scale, chunk_elements)
     q, k = inputs.normalize(q_raw, k_raw)
     q, k = inputs.rotate(q, inputs.pos).to(v.dtype), inputs.rotate(k, inputs.pos).to(v.dtype)
-    out_selected = block_sparse_attention(q, k, v.contiguous(), index, bt, inputs.scale, chunk_elements, buffer)
+    out_selected = block_sparse_attention(q, k, v.contiguous(), index, bt, inputs.scale, chunk_elements, buffer, kernel)
     return gated_combine(out_pooled, out_selected, inputs.gates(), bt)
 
 
