@@ -13,10 +13,14 @@ layer, :mod:`spark3r.models.layers.sparse_attention`):
 
 Two modes share these pieces:
 
-**Learned (the official Speed3R-π3, ``pi3-speed3r``).** Where the layer has gates, the op runs
-the official layer, :func:`spark3r.models.layers.sparse_attention.gated_sparse_attention` (the
-model's own attention, documented there), with this op's ``block_size`` and ``top_k``; tokens
-must then be window-major (:class:`TokenLayout` ``window``), with no special tokens.
+**Learned (the official Speed3R-π3, ``pi3-speed3r``; the VGGT student ``vggt-nano-speed3r``).**
+Where the layer has gates, the op runs the model's own learned layer,
+:func:`spark3r.models.layers.sparse_attention.gated_sparse_attention` (documented there), with
+this op's ``block_size``, ``top_k`` and ``anchor_every``: the official layer on window-major tokens
+(:class:`TokenLayout` ``window``, no special tokens), or on a VGGT-family row-major layout
+:func:`~spark3r.models.layers.sparse_attention.gated_block_attention` (special tokens and the
+reference frame dense and always selected; the blocks, top-k and selection tiles of the
+training-free mode below).
 
 **Training-free (every backbone; layers without gates).** No gates to learn how to mix two
 softmaxes, so the branches are combined into *one* softmax whose key set is partitioned:
