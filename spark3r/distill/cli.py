@@ -6,6 +6,8 @@ import dataclasses
 import json
 import sys
 
+from spark3r.threads import add_threads_argument, apply_threads, resolve_threads
+
 from .trainer import DATA_SOURCES, DistillConfig, distill
 
 
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate of the new gates; default: --lr (π3), 1e-2 for VGGT students")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay, >= 0")
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="maximum gradient norm, > 0")
-    p.add_argument("--scenes", type=int, default=d["scenes"], help="synthetic: distinct scenes cycled (0 = new per step)")
+    p.add_argument("--scenes", type=int, default=d["scenes"], help="generated sequences: distinct scenes cycled (0 = new per step)")
     p.add_argument("--save-every", type=int, default=d["save_every"], help="steps between saved training states")
     p.add_argument("--reset-gates", action="store_true",
                    help="start the gates from the official initialisation (a VGGT student always starts there)")
@@ -49,11 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d["seed"], help="seed of the samples and the initialisation")
     p.add_argument("--device", default=d["device"], help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     config = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    apply_threads(resolve_threads(args.threads))  # training runs in this thread
     result = distill(config, progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
     print(json.dumps(result))
     return 0

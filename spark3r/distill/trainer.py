@@ -137,9 +137,7 @@ def _own_copy(state: dict) -> dict:
 def _dense_weights_source(weights: str, teacher_preset: str):
     """What ``load_pretrained(teacher_preset, ...)`` reads for ``weights``: a ``spark3r train``
     run folder becomes its newest ``checkpoints/step_*.pt``; everything else is passed on."""
-    from pathlib import Path as _Path
-
-    path = _Path(weights).expanduser()
+    path = Path(weights).expanduser()
     if path.is_dir() and (path / "checkpoints").is_dir():
         from spark3r.train.loop import latest_checkpoint
 

@@ -64,11 +64,6 @@ class VGGTSpeed3R(VGGT):
         return self.aggregator.patch_embed
 
 
-def gate_entry_names(num_layers: int) -> list[str]:
-    """State-dict names of the gates a dense VGGT lacks."""
-    return [f"aggregator.global_blocks.{i}.attn.gate.0.{p}" for i in range(num_layers) for p in ("weight", "bias")]
-
-
 def speed3r_state_dict_from_dense(vggt_state: dict, num_heads: int) -> dict:
     """A dense VGGT state dict -> the student's: every entry unchanged, plus each global block's
     gate at the official initialisation (weight 0, bias (-1, +1) per head: compression ~0.27,
