@@ -139,3 +139,16 @@ def test_strict_load_round_trip_and_refusals(teacher, tmp_path):
         load_pretrained("vggt-nano-speed3r", str(tmp_path / "dense.safetensors"))
     with pytest.raises(CheckpointMismatchError, match="those of 'vggt-nano-speed3r'"):  # nor the student's as vggt-nano
         load_pretrained("vggt-nano", str(tmp_path / "run" / "model.safetensors"))
+
+
+def test_pooled_block_positions_are_truncated_means_of_the_real_tokens():
+    from spark3r.models.layers.sparse_attention import pooled_block_positions
+
+    layout = TokenLayout(frames=2, tokens_per_frame=5 + 4 * 5, special_tokens=5, grid=(4, 5), reference_frame=0)
+    table = block_table(layout, (4, 4), "cpu")
+    pos = grid_positions(4, 5, 5)  # VGGT: specials at 0, patch (r, c) at (r + 1, c + 1)
+    got = pooled_block_positions(pos, table, layout.tokens_per_frame)
+    # the full window: rows and cols 1..4 -> 2.5 -> 2; the edge window (one column, 5): rows 2.5 -> 2, col 5
+    assert got.tolist() == [[2, 2], [2, 5]]
+    batched = pooled_block_positions(pos[None].expand(3, -1, -1), table, layout.tokens_per_frame)
+    assert batched.shape == (3, 2, 2) and torch.equal(batched[1], got)

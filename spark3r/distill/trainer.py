@@ -74,7 +74,7 @@ class DistillConfig:
                                                # VGGT_GATE_LR (VGGT students)
     weight_decay: float = 0.05                 # >= 0
     grad_clip: float = 1.0                     # max gradient norm, > 0
-    scenes: int = 0                            # synthetic: distinct scenes cycled through (0 = a new one per step)
+    scenes: int = 0                            # generated: distinct scenes cycled through (0 = a new one per step)
     save_every: int = 100                      # steps between training-state saves, >= 1
     reset_gates: bool = False                  # start the gates from the official initialisation
     from_pi3: Optional[str] = None             # π3 weights: the official recipe (teacher = that π3, student = its remapped weights)
@@ -90,7 +90,7 @@ class DistillConfig:
             object.__setattr__(self, "weights", "builtin" if DEFAULT_SOURCES.get(teacher) == "builtin" else "seeded")
         model_config = preset_config(self.preset)  # also: a clear error for an unknown preset
         multiple = int(getattr(model_config, "image_multiple", model_config.patch_size))
-        if self.size is None:
+        if self.size is None:  # VGGT: the native width at 4:5 (the quality bench's default 112x140 for the nano)
             width = native_width(self.preset) if vggt_student else 224
             height = width if not vggt_student else max(multiple, round(width * 0.8 / multiple) * multiple)
             object.__setattr__(self, "size", (height, width))
@@ -134,8 +134,8 @@ def _own_copy(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _dense_weights_source(weights: str, teacher_preset: str):
-    """What ``load_pretrained(teacher_preset, ...)`` reads for ``weights``: a ``spark3r train``
+def _dense_weights_source(weights: str):
+    """What ``load_pretrained`` reads for a dense teacher's ``weights``: a ``spark3r train``
     run folder becomes its newest ``checkpoints/step_*.pt``; everything else is passed on."""
     path = Path(weights).expanduser()
     if path.is_dir() and (path / "checkpoints").is_dir():
@@ -156,7 +156,7 @@ def build_vggt_models(config: DistillConfig):
     from spark3r.models.vggt_speed3r import speed3r_state_dict_from_dense
 
     teacher_preset = DENSE_TEACHER_PRESETS[config.preset]
-    teacher = load_pretrained(teacher_preset, _dense_weights_source(config.weights, teacher_preset),
+    teacher = load_pretrained(teacher_preset, _dense_weights_source(config.weights),
                               device=config.device)
     state = speed3r_state_dict_from_dense(_own_copy(teacher.state_dict()), teacher.config.num_heads)
     student = load_weights(build_model(config.preset, device="meta"), state, device=config.device)

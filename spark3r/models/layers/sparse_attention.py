@@ -22,6 +22,13 @@ Memory: pooled logits exist for a chunk of query blocks at a time (``chunk_eleme
 per intermediate), gathered keys for one cache-sized tile of one head; pure PyTorch, any device and dtype; pooled logits,
 top-k and the pooled softmax in fp32. ``spark3r.accel.speed3r`` reuses these pieces for its
 training-free mode on other backbones.
+
+The same layer on VGGT's row-major tokens (camera/register tokens, a reference frame, grids of
+any size) is :func:`gated_block_attention`, the layer of the ``vggt-nano-speed3r`` student; it
+and the training-free op share the row-major :class:`BlockTable` (:func:`block_table`), the
+selection branch with its log-sum-exp (:func:`selected_blocks_attention`) and the merge of
+partial softmaxes (:func:`merge_partial_attention`), all kept here because backbones never import
+``spark3r.accel``.
 """
 from __future__ import annotations
 
