@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from spark3r.bench.quality import (QualityConfig, parse_variants, quality_change, run_quality, sequence_metrics,
-                                   unproject_depth)
+from spark3r.bench.quality import (QualityConfig, parse_variants, quality_change, quality_table, run_quality,
+                                   sequence_metrics, unproject_depth)
 from spark3r.cli import main
 from spark3r.eval.pose import pairwise_pose_errors, pose_auc
 
@@ -125,3 +125,40 @@ def test_quality_cli_writes_json_table_and_plot(tmp_path, capsys):
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", "--quality", "--model", "vggt-tiny", "--frame-counts", "2", "--size", "28x42"]) == 2  # Sim(3) needs 3 poses
     assert "frame counts >= 3" in capsys.readouterr().err
+
+
+def test_a_distilled_student_runs_beside_the_bench_model(tmp_path):
+    """``speed3r:weights=DIR``: the vggt-nano-speed3r student written by ``spark3r distill`` runs its
+    learned layer next to the training-free speed3r on the built-in vggt-nano."""
+    from spark3r.distill.trainer import DistillConfig, distill
+
+    student = tmp_path / "student"
+    distill(DistillConfig(out=str(student), preset="vggt-nano-speed3r", frames=2, size=(28, 42), steps=1), progress=False)
+    methods = f"dense,speed3r,speed3r:weights={student}"
+    variants = parse_variants(methods, {"speed3r": {"top_k": 2}})
+    assert [v.weights for v in variants] == [None, None, str(student)] and variants[2].params == {"top_k": 2}
+    cfg = QualityConfig(model="vggt-nano", data="procedural", frames=(3,), size=(56, 70), methods=methods,
+                        method_params={"speed3r": {"top_k": 1}}, flops=False)
+    result = run_quality(cfg)
+    entry = result["frame_counts"]["3"]["methods"]
+    learned = entry[f"speed3r:weights={student}"]
+    assert learned["model"]["preset"] == "vggt-nano-speed3r" and learned["model"]["weights"] == str(student)
+    assert learned["model"]["description"] == "vggt-nano-speed3r, learned"
+    assert entry["speed3r"]["model"]["description"] == "training-free" and entry["speed3r"]["model"]["preset"] == "vggt-nano"
+    # top-1 of 2 key blocks: both variants are sparse and differ from dense and from each other
+    assert learned["quality"] != entry["speed3r"]["quality"]
+    table = quality_table(result)
+    assert f"`speed3r:weights={student}` (vggt-nano-speed3r, learned)" in table and "`speed3r` (training-free)" in table
+
+
+def test_a_student_of_another_model_is_refused(tmp_path):
+    from spark3r.distill.trainer import DistillConfig, distill
+
+    student = tmp_path / "student"
+    distill(DistillConfig(out=str(student), preset="vggt-nano-speed3r", frames=2, size=(28, 42), steps=1), progress=False)
+    cfg = QualityConfig(model="vggt-tiny", data="synthetic", frames=(3,), size=(28, 42),
+                        methods=f"dense,speed3r:weights={student}", flops=False)
+    with pytest.raises(ValueError, match="holds a vggt-nano-speed3r model, not the bench model vggt-tiny"):
+        run_quality(cfg)
+    with pytest.raises(ValueError, match="not a file or folder"):
+        parse_variants(f"speed3r:weights={tmp_path / 'missing'}")

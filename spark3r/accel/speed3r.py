@@ -13,10 +13,14 @@ layer, :mod:`spark3r.models.layers.sparse_attention`):
 
 Two modes share these pieces:
 
-**Learned (the official Speed3R-π3, ``pi3-speed3r``).** Where the layer has gates, the op runs
-the official layer, :func:`spark3r.models.layers.sparse_attention.gated_sparse_attention` (the
-model's own attention, documented there), with this op's ``block_size`` and ``top_k``; tokens
-must then be window-major (:class:`TokenLayout` ``window``), with no special tokens.
+**Learned (the official Speed3R-π3, ``pi3-speed3r``; the VGGT student ``vggt-nano-speed3r``).**
+Where the layer has gates, the op runs the model's own learned layer,
+:func:`spark3r.models.layers.sparse_attention.gated_sparse_attention` (documented there), with
+this op's ``block_size``, ``top_k`` and ``anchor_every``: the official layer on window-major tokens
+(:class:`TokenLayout` ``window``, no special tokens), or on a VGGT-family row-major layout
+:func:`~spark3r.models.layers.sparse_attention.gated_block_attention` (special tokens and the
+reference frame dense and always selected; the blocks, top-k and selection tiles of the
+training-free mode below).
 
 **Training-free (every backbone; layers without gates).** No gates to learn how to mix two
 softmaxes, so the branches are combined into *one* softmax whose key set is partitioned:
@@ -49,17 +53,18 @@ merge) run in one fused C kernel instead (``native/block_attention.c``, off with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Optional
 
 import torch
 
 from spark3r.models.layers.layout import TokenLayout
-from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, TILE_ELEMENTS, chunk_ranges, gated_sparse_attention,
-                                                    selected_block_tiles, topk_key_blocks)
+from spark3r.models.layers.sparse_attention import (CHUNK_ELEMENTS, TILE_ELEMENTS, BlockTable, attend_with_lse,
+                                                    block_table, chunk_ranges, gated_sparse_attention,
+                                                    merge_partial_attention, padding_bias, selected_blocks_attention,
+                                                    topk_key_blocks)
 
 from . import native
-from .common import Workspace, check_qkv, exact_attention, gather_rows, layout_key
+from .common import Workspace, check_qkv, exact_attention, gather_rows
 from .op import AttentionCost, attention_matmul_flops, dense_cost
 
 
@@ -106,115 +111,6 @@ class Speed3RConfig:
 # Training-free mode
 
 
-@dataclass(frozen=True)
-class BlockTable:
-    """Blocks of a row-major layout (device tensors; depends only on the layout, window and
-    anchor stride). Query blocks cover every non-reference frame; key blocks are the query blocks
-    of the frames that are not anchors."""
-
-    tokens: torch.Tensor  # [nb, bt] int64 token of each block slot; padding slots repeat the block's first token
-    valid: torch.Tensor  # [nb, bt] bool, False for padding slots of edge windows
-    sizes: torch.Tensor  # [nb] float32 real tokens per block
-    key_blocks: torch.Tensor  # [nk] int64 rows of `tokens` that are selectable key blocks
-    dense: torch.Tensor  # [P] int64 queries attending densely: special tokens + reference frame
-    always: torch.Tensor  # [A] int64 keys every query sees exactly: `dense` + the anchor frames' patches
-    padded: bool
-
-
-@lru_cache(maxsize=64)
-def _block_table(key: tuple, window: tuple[int, int], anchor_every: int, device: str) -> BlockTable:
-    frames, tpf, special, grid, ref = key
-    layout = TokenLayout(frames, tpf, special, grid, ref)
-    rows, cols = grid
-    wr, wc = window
-    nr, nc = -(-rows // wr), -(-cols // wc)
-    r = (torch.arange(nr)[:, None, None, None] * wr + torch.arange(wr)[None, None, :, None]).expand(nr, nc, wr, wc)
-    c = (torch.arange(nc)[None, :, None, None] * wc + torch.arange(wc)[None, None, None, :]).expand(nr, nc, wr, wc)
-    valid = ((r < rows) & (c < cols)).reshape(nr * nc, wr * wc)
-    local = (r * cols + c).reshape(nr * nc, wr * wc)
-    local = torch.where(valid, local, local[:, :1])  # slot 0 of a window is always inside the grid
-    kept = [f for f in range(frames) if f != ref]
-    frames_kept = torch.tensor(kept, dtype=torch.int64)
-    tokens = (frames_kept[:, None, None] * tpf + special + local[None]).reshape(-1, wr * wc)
-    valid = valid.expand(len(kept), -1, -1).reshape(-1, wr * wc)
-    anchor = torch.tensor([bool(anchor_every) and f % anchor_every == 0 for f in kept], dtype=torch.bool)
-    per_frame = nr * nc
-    key_blocks = torch.nonzero((~anchor).repeat_interleave(per_frame), as_tuple=False).flatten()
-    dense = torch.nonzero(layout.protected_mask(), as_tuple=False).flatten()
-    anchor_rows = torch.nonzero(anchor.repeat_interleave(per_frame), as_tuple=False).flatten()
-    anchor_tokens = tokens[anchor_rows][valid[anchor_rows]]
-    always = torch.cat((dense, anchor_tokens)).sort().values
-    return BlockTable(tokens.to(device), valid.to(device), valid.sum(-1).float().to(device), key_blocks.to(device),
-                      dense.to(device), always.to(device), bool((~valid).any()))
-
-
-@lru_cache(maxsize=16)
-def _window_major_table(num_tokens: int, block_tokens: int, device: str) -> BlockTable:
-    tokens = torch.arange(num_tokens).view(-1, block_tokens)
-    nb = tokens.shape[0]
-    empty = torch.zeros(0, dtype=torch.int64)
-    return BlockTable(tokens.to(device), torch.ones(nb, block_tokens, dtype=torch.bool, device=device),
-                      torch.full((nb,), float(block_tokens), device=device), torch.arange(nb, device=device),
-                      empty.to(device), empty.to(device), False)
-
-
-def block_table(layout: TokenLayout, window: tuple[int, int], device, anchor_every: int = 0) -> BlockTable:
-    """The blocks of ``layout``: windows of its row-major patch grids, or — for a window-major
-    layout (Speed3R-π3's decoder, no special tokens, no reference frame) — its consecutive
-    windows, which must then be ``window``."""
-    window = tuple(window)
-    if layout.window is not None:
-        if layout.window != window or layout.special_tokens or layout.reference_frame is not None or anchor_every:
-            raise ValueError(f"a window-major layout ({layout.window} windows) takes block_size={layout.window}, no "
-                             f"special tokens, reference frame or anchors (got block_size={window}, "
-                             f"special_tokens={layout.special_tokens}, reference_frame={layout.reference_frame}, "
-                             f"anchor_every={anchor_every})")
-        return _window_major_table(layout.num_tokens, window[0] * window[1], str(torch.device(device)))
-    return _block_table(layout_key(layout), window, int(anchor_every), str(torch.device(device)))
-
-
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention with its log-sum-exp: ``q [B, H, M, d]``, ``k, v [B, H, K, d]``, optional
-    additive ``key_bias`` broadcastable to ``[B, H, 1, K]`` -> ``(out [B, H, M, d], lse [B, H, M]
-    fp32)``. On CPU without autograd the flash kernel (which returns the log-sum-exp), elsewhere
-    an fp32 softmax."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if _CPU_FLASH is not None and q.device.type == "cpu" and not needs_grad:
-        mask = None if key_bias is None else key_bias.to(q.dtype)
-        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-        return out, lse.float()
-    logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
-    if key_bias is not None:
-        logits = logits + key_bias
-    top = logits.amax(-1, keepdim=True).detach()
-    weights = (logits - top).exp()
-    total = weights.sum(-1, keepdim=True)
-    out = torch.matmul((weights / total).to(v.dtype), v)
-    return out, (top + total.log()).squeeze(-1)
-
-
-def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Softmax attention over the union of disjoint key sets from each set's ``(out, lse)``
-    (shapes broadcastable to the first part's): ``sum_i exp(lse_i - L) out_i / sum_i exp(lse_i - L)``,
-    accumulated in fp32 in place (into ``out`` when given: an fp32 buffer of the first part's shape)."""
-    top = parts[0][1]
-    for _, lse in parts[1:]:
-        top = torch.maximum(top, lse)
-    weights = [(lse - top).exp() for _, lse in parts]
-    den = weights[0]
-    for w in weights[1:]:
-        den = den + w
-    first = parts[0][0]
-    num = torch.mul(first.float(), weights[0][..., None], out=out)
-    for (o, _), w in zip(parts[1:], weights[1:]):
-        num.addcmul_(o.float(), w[..., None])
-    return num.div_(den[..., None]).to(first.dtype)
-
-
 def _scratch(buffer, name: str, shape: tuple, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device) if buffer is torch.empty else buffer(name, shape, dtype, device)
 
@@ -236,16 +132,14 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                                                                                         t.dtype, t.device))
                   .view(b, h, nb, bt, d) for name, t in (("q", q), ("k", k), ("v", v)))
     # Masked block means as one batched mat-vec per block (no [B, H, nb, bt, d] product temporary).
-    slot_weight = (table.valid.float() / table.sizes[:, None])[:, None, :]  # [nb, 1, bt]
+    slot_weight = table.slot_weights  # [nb, 1, bt]
     q_pool = torch.matmul(slot_weight, qb.float()).squeeze(-2)
     all_keys = nk == nb  # no anchor frames: every block is a key block
     key_weight = slot_weight if all_keys else slot_weight.index_select(0, table.key_blocks)
     k_pool, v_pool = (torch.matmul(key_weight, (t if all_keys else t.index_select(2, table.key_blocks)).float()).squeeze(-2)
                       for t in (kb, vb))
     log_sizes = table.sizes.index_select(0, table.key_blocks).log()
-    key_bias = None
-    if table.padded:
-        key_bias = torch.zeros(nb, bt, device=q.device).masked_fill_(~table.valid, float("-inf"))
+    key_bias = padding_bias(table)
     top = min(config.top_k, nk)
     out = torch.empty_like(q)
     if out.stride(-1) != 1:  # q's own layout, unless its rows are not unit-stride (the kernel writes rows)
@@ -277,15 +171,8 @@ def training_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             rows = table.key_blocks[index].view(b * h, c, top)
             o_sel = _scratch(buffer, "speed3r.o_sel", (b * h * c, bt, d), q.dtype, q.device)
             lse_sel = _scratch(buffer, "speed3r.lse_sel", (b * h * c, bt), torch.float32, q.device)
-            q_chunk = qb[:, :, s:e].reshape(b * h * c, bt, d)
-            flat_rows = rows.view(b * h * c, top)
-            tiles = selected_block_tiles(kb_heads, vb_heads, rows, None if workspace is None else workspace.buffer, tile)
-            for ts, te, ks, vs in tiles:
-                bias = None
-                if key_bias is not None:
-                    bias = key_bias.index_select(0, flat_rows[ts:te].reshape(-1)).view(1, te - ts, 1, top * bt)
-                o_t, lse_t = attend_with_lse(q_chunk[ts:te][None], ks[None], vs[None], scale, bias)
-                o_sel[ts:te], lse_sel[ts:te] = o_t[0], lse_t[0]
+            selected_blocks_attention(qb[:, :, s:e].reshape(b * h * c, bt, d), kb_heads, vb_heads, rows, scale, key_bias,
+                                      None if workspace is None else workspace.buffer, tile, o_sel, lse_sel)
             parts.append((o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt)))
             if top < nk:
                 o, lse = _pooled_part(logits, index, log_sizes, v_pool, scale)
@@ -379,7 +266,8 @@ class Speed3ROp:
         if inputs.has_gates:
             grad = torch.is_grad_enabled()  # out= gathers are not differentiable
             return gated_sparse_attention(inputs, self.config.block_size, self.config.top_k, self.chunk_elements,
-                                          None if grad else self.workspace.buffer, fused_block_sparse_attention)
+                                          None if grad else self.workspace.buffer, self.config.anchor_every,
+                                          fused_block_sparse_attention)
         q, k, v = inputs.qkv()
         return self(q, k, v, inputs.layout)
 

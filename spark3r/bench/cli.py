@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, help="frames per forward")
     p.add_argument("--size", help="input size HxW, multiples of 14 (e.g. 392x518)")
     p.add_argument("--scope", choices=SCOPES, help="what is timed: one global attention op, the aggregator, or the model")
-    p.add_argument("--methods", help="comma-separated methods (default dense,uniform,spark3r,speed3r)")
+    p.add_argument("--methods", help="comma-separated methods (default dense,uniform,spark3r,speed3r); --quality takes "
+                                     "variants NAME[:FIELD=VALUE...], e.g. spark3r:recipe=paper, and weights=DIR to run "
+                                     "one on another checkpoint of the model, e.g. speed3r:weights=runs/nano-speed3r")
     p.add_argument("--repeats", type=int, help="timed repeats per method (min and median are reported)")
     p.add_argument("--flops-only", action="store_true", default=None, help="analytic FLOPs only, run nothing")
     add_threads_argument(p)

@@ -18,8 +18,13 @@ run through the model once per method variant (methods interleaved per repeat). 
 * the change of every quality metric vs dense at the same frame count.
 
 A method variant is ``NAME`` or ``NAME:FIELD=VALUE[:FIELD=VALUE...]`` (``spark3r:recipe=paper``),
-so one run can hold the same method in two configurations. Results: JSON, a Markdown table and a
-PNG of quality loss vs speedup per method.
+so one run can hold the same method in two configurations. ``weights=PATH`` runs that variant on
+another model: the checkpoint at PATH (a ``spark3r distill`` output folder or a weights file) in
+its own preset, which must be the bench model's architecture and size, give or take Speed3R
+gates — e.g. ``speed3r:weights=runs/nano-speed3r``, the distilled ``vggt-nano-speed3r``
+student with its learned layer, next to ``speed3r`` (training-free) on the built-in vggt-nano.
+The table names each variant's model. Results: JSON, a Markdown table and a PNG of quality loss
+vs speedup per method.
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ class MethodVariant:
     label: str   # as given, e.g. "spark3r:recipe=paper"
     method: str
     params: dict = field(default_factory=dict)
+    weights: Optional[str] = None  # another model for this variant (``weights=PATH``); None: the bench's
 
 
 def _field_value(method: str, name: str, text: str):
@@ -96,16 +102,22 @@ def parse_variants(text: str, common: Optional[dict] = None) -> list[MethodVaria
         if method not in METHODS:
             raise ValueError(f"unknown reduction method {method!r} in {item!r}; known: {sorted(METHODS)}")
         params = dict(common.get(method, {}))
+        weights = None
         for pair in pairs:
             name, sep, value = pair.partition("=")
             if not sep:
                 raise ValueError(f"method variant {item!r}: expected FIELD=VALUE after ':', got {pair!r}")
+            if name.strip() == "weights":
+                weights = value.strip()
+                if not weights or not Path(weights).expanduser().exists():
+                    raise ValueError(f"method variant {item!r}: weights={weights!r} is not a file or folder")
+                continue
             params[name.strip()] = _field_value(method, name.strip(), value.strip())
         make_config(method, **params)  # validates early, with the method's own message
         if item in seen:
             raise ValueError(f"method variant {item!r} is listed twice")
         seen.add(item)
-        out.append(MethodVariant(item, method, params))
+        out.append(MethodVariant(item, method, params, weights))
     if not out:
         raise ValueError("give at least one method")
     return out
@@ -295,6 +307,45 @@ def _load_model(cfg: QualityConfig):
         source, f"checkpoint {source}")
 
 
+def _gate_free_shapes(model) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if ".attn.gate." not in k}
+
+
+def load_variant_model(cfg: QualityConfig, weights: str, bench_model):
+    """The model of a ``weights=PATH`` variant: PATH in the preset its ``config.json`` names (a
+    ``spark3r distill`` output) or, failing that, the preset its entries match; it must be the
+    bench model's architecture and size apart from Speed3R gates. Returns ``(model, preset)``."""
+    from spark3r.models.checkpoints import checkpoint_shapes, guess_preset, load_pretrained, preset_from_hf_config
+    from spark3r.models.registry import inference_overrides
+
+    path = Path(weights).expanduser()
+    preset = preset_from_hf_config(path) if path.is_dir() else None
+    if preset is None:
+        guess = guess_preset(checkpoint_shapes(path))
+        if guess is None:
+            raise ValueError(f"weights={weights}: not a checkpoint of any spark3r preset")
+        preset = guess[0]
+    model = load_pretrained(preset, str(path), device=torch.device(cfg.device), dtype=getattr(torch, cfg.dtype),
+                            **inference_overrides(preset)).eval()
+    want, have = _gate_free_shapes(bench_model), _gate_free_shapes(model)
+    if want != have:
+        differ = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        raise ValueError(f"weights={weights} holds a {preset} model, not the bench model {cfg.model} (+ Speed3R gates): "
+                         f"{len(differ)} entries differ, e.g. {differ[:3]}; run the bench with the --model it was "
+                         f"distilled from")
+    return model, preset
+
+
+def variant_description(variant: MethodVariant, model) -> str:
+    """What model and mode a variant runs, for the table: e.g. ``training-free`` for speed3r on a
+    model without gates, ``vggt-nano-speed3r, learned`` for a distilled student."""
+    gated = any(getattr(m, "gate", None) is not None for m in model.global_attention_modules())
+    if variant.method == "speed3r":
+        mode = "learned" if gated else "training-free"
+        return f"{model.preset}, {mode}" if variant.weights else mode
+    return f"{model.preset} weights" if variant.weights else ""
+
+
 def run_quality(cfg: QualityConfig, log=None, predictions: Optional[dict] = None) -> dict:
     """Run the quality benchmark; JSON-ready result. ``predictions``, if given, receives every
     :class:`Prediction` and sequence as ``{(frames, label, index): (prediction, sequence)}``."""
@@ -307,6 +358,11 @@ def run_quality(cfg: QualityConfig, log=None, predictions: Optional[dict] = None
     if "dense" not in [v.label for v in variants]:
         variants = [MethodVariant("dense", "dense")] + variants
     num_layers = len(model.global_attention_modules())
+    models = {v.label: model for v in variants}
+    presets = {v.label: cfg.model for v in variants}
+    for v in variants:
+        if v.weights is not None:
+            models[v.label], presets[v.label] = load_variant_model(cfg, v.weights, model)
     result: dict[str, Any] = {
         "format": "spark3r-quality-bench/1",
         "config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "method_params"},
@@ -326,15 +382,16 @@ def run_quality(cfg: QualityConfig, log=None, predictions: Optional[dict] = None
         with torch.inference_mode():
             for r in range(cfg.repeats):
                 for v in variants:
-                    apply(model, v.method, **v.params)
+                    run = models[v.label]
+                    apply(run, v.method, **v.params)
                     try:
                         for i, x in enumerate(images):
-                            t, out = timed(lambda: model(x), device, cpu[v.label][i])
+                            t, out = timed(lambda: run(x), device, cpu[v.label][i])
                             times[v.label][i].append(t)
                             if r == 0:
-                                outputs[v.label][i] = Prediction.from_outputs(model.decode(out, (h, w)))
+                                outputs[v.label][i] = Prediction.from_outputs(run.decode(out, (h, w)))
                     finally:
-                        remove(model)
+                        remove(run)
         entry: dict[str, Any] = {"sequences": [getattr(s, "seed", i) for i, s in enumerate(seqs)], "methods": {}}
         dense_time = sum(min(t) for t in times["dense"])
         dense_cpu = sum(min(t) for t in cpu["dense"])
@@ -349,6 +406,8 @@ def run_quality(cfg: QualityConfig, log=None, predictions: Optional[dict] = None
                     predictions[(frames, v.label, i)] = (p, s)
             total = sum(min(t) for t in times[v.label])
             m: dict[str, Any] = {"method": v.method, "params": {k: str(x) for k, x in v.params.items()},
+                                 "model": {"preset": presets[v.label], "weights": v.weights or weights,
+                                           "description": variant_description(v, models[v.label])},
                                  "time_s": {"total_min": total, "per_sequence": [time_stats(t) for t in times[v.label]]},
                                  "cpu_time_s": {"total_min": sum(min(t) for t in cpu[v.label])},
                                  "speedup_vs_dense": dense_time / total,
@@ -386,7 +445,9 @@ def quality_table(result: dict) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for frames, entry in result["frame_counts"].items():
         for label, m in entry["methods"].items():
-            cells = [frames, f"`{label}`", f"{m['speedup_vs_dense']:.2f}× / {m['cpu_time_speedup_vs_dense']:.2f}×", _fmt(m.get("flop_speedup"), ".2f"),
+            about = m.get("model", {}).get("description")
+            name = f"`{label}`" + (f" ({about})" if about else "")
+            cells = [frames, name, f"{m['speedup_vs_dense']:.2f}× / {m['cpu_time_speedup_vs_dense']:.2f}×", _fmt(m.get("flop_speedup"), ".2f"),
                      _fmt(m["flops"]["model"] / 1e9 if "flops" in m else None, ".3g")]
             for name, _ in QUALITY_METRICS:
                 value, change = m["quality"][name], m["change_vs_dense"][name]

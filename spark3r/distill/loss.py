@@ -17,6 +17,15 @@ written from its description:
 Differences, on purpose: the scale is solved on all valid pixels exactly (weighted median), not
 on 4096 nearest-resampled points; the normal loss of the official recipe (only for its
 "high-quality" datasets) is left out.
+
+**VGGT students** (:func:`vggt_distill_loss`; the paper's VGGT recipe is not released, this is
+the same loss adapted to VGGT's outputs): the local points are each model's depth map unprojected
+with its *own* predicted intrinsics (so the student's FoV is trained too), then normalised and
+scale-aligned exactly as above; the camera term is VGGT's own training loss on the pose
+encodings (:func:`spark3r.train.objective.camera_loss`: L1 of translation, quaternion and FoV,
+FoV at half weight) of the student's final encoding against the teacher's — VGGT's
+poses are already in one canonical frame and scale (frame 0, normalised scene), so no alignment
+is needed there. Total = local + ``VGGT_CAMERA_WEIGHT`` (1) * camera.
 """
 from __future__ import annotations
 
@@ -91,19 +100,56 @@ def camera_loss(student: torch.Tensor, teacher: torch.Tensor, scale: torch.Tenso
     return translation_weight * trans + rot
 
 
+def normalized_local_point_loss(student: torch.Tensor, teacher: torch.Tensor):
+    """Both point maps ``[B, N, H, W, 3]`` normalised by the mean distance of their points where
+    the teacher's are valid (positive depth, finite), then :func:`local_point_loss`. Returns
+    ``(loss, s [B], student_norm [B], teacher_norm [B])``."""
+    t_points = teacher.float()
+    valid = (t_points[..., 2] > 0) & torch.isfinite(t_points).all(-1)
+    # Invalid pixels weigh 0; zeroed so that a non-finite value there cannot turn 0 * inf into NaN.
+    t_points = torch.where(valid[..., None], t_points, torch.zeros_like(t_points))
+    s_points = torch.where(valid[..., None], student.float(), torch.zeros_like(t_points))
+    s_norm = mean_valid_distance(s_points, valid).clamp_min(1e-8)
+    t_norm = mean_valid_distance(t_points, valid).clamp_min(1e-8)
+    loss, scale = local_point_loss(s_points / s_norm.view(-1, 1, 1, 1, 1), t_points / t_norm.view(-1, 1, 1, 1, 1),
+                                   valid.float())
+    return loss, scale, s_norm, t_norm
+
+
 def distill_loss(student: dict, teacher: dict, camera_weight: float = 0.1) -> tuple[torch.Tensor, dict]:
     """The total loss of a student's outputs against the teacher's (π3 output names:
     ``local_points [B, N, H, W, 3]``, ``camera_poses [B, N, 4, 4]``) and its parts."""
-    t_points = teacher["local_points"].float()
-    valid = (t_points[..., 2] > 0) & torch.isfinite(t_points).all(-1)
-    s_points = student["local_points"].float()
-    s_norm = mean_valid_distance(s_points, valid).clamp_min(1e-8)
-    t_norm = mean_valid_distance(t_points, valid).clamp_min(1e-8)
-    s_points = s_points / s_norm.view(-1, 1, 1, 1, 1)
-    t_points = t_points / t_norm.view(-1, 1, 1, 1, 1)
-    points, scale = local_point_loss(s_points, t_points, valid.float())
+    points, scale, s_norm, t_norm = normalized_local_point_loss(student["local_points"], teacher["local_points"])
     s_pose = scale_translation(student["camera_poses"].float(), 1.0 / s_norm)
     t_pose = scale_translation(teacher["camera_poses"].float(), 1.0 / t_norm)
     camera = camera_loss(s_pose, t_pose, scale)
+    total = points + camera_weight * camera
+    return total, {"local_points": float(points.detach()), "camera": float(camera.detach()), "total": float(total.detach())}
+
+
+VGGT_CAMERA_WEIGHT = 1.0
+
+
+def vggt_local_points(outputs: dict) -> torch.Tensor:
+    """A VGGT forward's depth ``[B, S, H, W, 1]`` unprojected with its own predicted intrinsics
+    (from ``pose_enc``): camera-frame points ``[B, S, H, W, 3]``."""
+    from spark3r.models.camera import depth_to_camera_points, pose_encoding_to_extrinsics_intrinsics
+
+    depth = outputs["depth"].float()
+    _, intrinsics = pose_encoding_to_extrinsics_intrinsics(outputs["pose_enc"].float(), depth.shape[2:4])
+    return depth_to_camera_points(depth, intrinsics)
+
+
+def vggt_distill_loss(student: dict, teacher: dict, camera_weight: float = VGGT_CAMERA_WEIGHT) -> tuple[torch.Tensor, dict]:
+    """The distillation loss of a VGGT student (module docstring) from the outputs of
+    ``model(images, heads=("camera", "depth"))`` (``pose_enc``, ``depth``)."""
+    from spark3r.train.objective import ObjectiveConfig
+    from spark3r.train.objective import camera_loss as pose_encoding_loss
+
+    points, _, _, _ = normalized_local_point_loss(vggt_local_points(student), vggt_local_points(teacher))
+    target = teacher["pose_enc"].float()
+    frames = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
+    # The final encodings only: the teacher's own earlier refinement iterations differ from its final one.
+    camera = pose_encoding_loss([student["pose_enc"]], target, frames, ObjectiveConfig())["loss_camera"]
     total = points + camera_weight * camera
     return total, {"local_points": float(points.detach()), "camera": float(camera.detach()), "total": float(total.detach())}

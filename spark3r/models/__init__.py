@@ -7,7 +7,7 @@ Typical use::
     model = load_pretrained("da3-small")        # depth-anything/DA3-SMALL
     model = load_pretrained(None, "/data/DA3-LARGE-1.1")   # preset from config.json model_name
 
-Presets: ``list_presets()`` (vggt-1b, vggt-tiny, pi3, pi3-tiny, pi3-speed3r, pi3-speed3r-tiny,
+Presets: ``list_presets()`` (vggt-1b, vggt-tiny, vggt-nano, vggt-nano-speed3r, pi3, pi3-tiny, pi3-speed3r, pi3-speed3r-tiny,
 da3-small/base/large/giant).
 
 Every backbone implements the contract in :mod:`.base` (:class:`BackboneModel`; its ``decode``

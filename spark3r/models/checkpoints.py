@@ -488,6 +488,12 @@ def load_pretrained(
                     f"{likely!r} ({share:.0%} match). Wrong preset? --backbone {likely}") from None
 
 
+def checkpoint_shapes(source) -> dict[str, tuple]:
+    """Entry name -> shape of a checkpoint (file, directory, hub id or state dict; training-state
+    entries of a shipped file left out), without reading the tensors."""
+    return {name: tuple(shape) for name, (shape, _) in _open_source(source).items()}
+
+
 # A checkpoint is named as a preset's when this share of the union of their entries agrees in
 # name and shape (a fine-tune keeps every entry; another preset shares few or none).
 _PRESET_MATCH = 0.9

@@ -14,6 +14,7 @@ from .da3 import DA3Config, DepthAnything3
 from .pi3 import Pi3, Pi3Config
 from .pi3_speed3r import Pi3Speed3R, Pi3Speed3RConfig
 from .vggt import VGGT, VGGTConfig
+from .vggt_speed3r import VGGTSpeed3R, VGGTSpeed3RConfig
 
 # vggt-tiny is exactly the `vggt_tiny` golden configuration (../shared/golden): a ViT-S/14
 # encoder, a 4-layer 384-d aggregator, a 1-block camera trunk and 32-feature DPT heads.
@@ -51,6 +52,10 @@ _VGGT_NANO = VGGTConfig(
     enable_point=False,
     enable_track=False,
 )
+
+# vggt-nano-speed3r: vggt-nano whose global layers carry learned Speed3R gates (4x4 blocks, top-32),
+# distilled from the built-in vggt-nano with `spark3r distill --preset vggt-nano-speed3r`.
+_VGGT_NANO_SPEED3R = VGGTSpeed3RConfig(**{f.name: getattr(_VGGT_NANO, f.name) for f in dataclasses.fields(_VGGT_NANO)})
 
 # pi3-tiny is exactly the `pi3_tiny` golden configuration: ViT-S/14-reg encoder, a 4-block 384-d
 # decoder, 2-block 256-d heads (camera head 128-d).
@@ -106,6 +111,10 @@ DEFAULT_SOURCES: dict[str, Optional[str]] = {}
 # Checkpoints that name their architecture in config.json ("model_name": "da3-large", ...).
 HF_MODEL_NAMES: dict[str, str] = {}
 
+# Speed3R students distilled from a dense preset of the same architecture (spark3r distill):
+# student preset -> teacher preset. Speed3R-π3 presets are their own teacher (accel.remove).
+DENSE_TEACHER_PRESETS: dict[str, str] = {"vggt-nano-speed3r": "vggt-nano"}
+
 # Network input width (pixels) each preset was trained at: 518 for the released models, the
 # training width for vggt-nano. The mapper uses it when the user sets no image_width.
 NATIVE_WIDTHS: dict[str, int] = {}
@@ -149,6 +158,7 @@ def unregister_preset(name: str) -> None:
 register_preset("vggt-1b", VGGT, VGGTConfig(), source="facebook/VGGT-1B")
 register_preset("vggt-tiny", VGGT, _VGGT_TINY)
 register_preset("vggt-nano", VGGT, _VGGT_NANO, source="builtin", native_width=140)
+register_preset("vggt-nano-speed3r", VGGTSpeed3R, _VGGT_NANO_SPEED3R, hf_model_name="vggt-nano-speed3r", native_width=140)
 register_preset("pi3", Pi3, Pi3Config(), source="yyfz233/Pi3")
 register_preset("pi3-tiny", Pi3, _PI3_TINY)
 register_preset("pi3-speed3r", Pi3Speed3R, Pi3Speed3RConfig(), source="weining17/Speed3R_Pi3")

@@ -109,7 +109,9 @@ def _per_frame_special(token: torch.Tensor, b: int, s: int) -> torch.Tensor:
 class Aggregator(nn.Module):
     """Alternating frame/global attention over per-frame DINO patch tokens."""
 
-    def __init__(self, cfg: VGGTConfig) -> None:
+    def __init__(self, cfg: VGGTConfig, global_gates: bool = False) -> None:
+        """``global_gates``: the global blocks' attention gets learned Speed3R branch gates
+        (``attn.gate.0``; :mod:`.vggt_speed3r`)."""
         super().__init__()
         c = cfg.embed_dim
         self.cfg = cfg
@@ -131,7 +133,7 @@ class Aggregator(nn.Module):
         )
         self.rope = RoPE2D(cfg.rope_freq) if cfg.rope_freq > 0 else None
 
-        def make_block() -> Block:
+        def make_block(gated: bool = False) -> Block:
             return Block(
                 c,
                 cfg.num_heads,
@@ -141,10 +143,11 @@ class Aggregator(nn.Module):
                 qk_norm=cfg.qk_norm,
                 qk_norm_eps=1e-5,
                 rope=self.rope,
+                attn_gates=gated,
             )
 
         self.frame_blocks = nn.ModuleList(make_block() for _ in range(cfg.depth))
-        self.global_blocks = nn.ModuleList(make_block() for _ in range(cfg.depth))
+        self.global_blocks = nn.ModuleList(make_block(global_gates) for _ in range(cfg.depth))
 
     @property
     def patch_start_idx(self) -> int:
@@ -310,13 +313,15 @@ class VGGT(BackboneModel):
     HEAD_NAMES = HEAD_NAMES
     UNUSED_MODULES = {"enable_track": False}
     _HEAD_FLAGS = {"camera": "enable_camera", "depth": "enable_depth", "point": "enable_point"}
+    # Global blocks with learned Speed3R gates (the VGGT Speed3R student, .vggt_speed3r).
+    GATED_GLOBAL_ATTENTION = False
 
     def __init__(self, config: VGGTConfig = VGGTConfig(), preset: Optional[str] = None) -> None:
         super().__init__()
         self.config = config
         self.preset = preset
         dim_in = config.head_dim_in
-        self.aggregator = Aggregator(config)
+        self.aggregator = Aggregator(config, global_gates=self.GATED_GLOBAL_ATTENTION)
         self.camera_head = (
             CameraHead(dim_in, config.camera_trunk_depth, config.camera_num_heads, config.camera_mlp_ratio,
                        config.init_values, config.camera_iterations)

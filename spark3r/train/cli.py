@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None,
                    help="start a new run (fresh optimizer and schedule, the settings given here) from the weights of a "
                         "run folder, step_*.pt, shipped .safetensors or 'builtin'; its preset is used")
-    p.add_argument("--preset", default=None, choices=[x for x in list_presets() if x.startswith("vggt")],
+    p.add_argument("--preset", default=None, choices=[x for x in list_presets() if x.startswith("vggt") and not x.endswith("-speed3r")],
                    help="model preset to train from scratch (VGGT family; default vggt-nano, or the --init model's)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps, cosine end (default 60000; on resume: keep)")
     p.add_argument("--until-step", type=int, default=None, help="stop (with a checkpoint) at this step, before --steps")

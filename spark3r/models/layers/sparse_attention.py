@@ -23,9 +23,18 @@ per intermediate), gathered keys for one cache-sized tile of one head; pure PyTo
 top-k and the pooled softmax in fp32. ``spark3r.accel.speed3r`` reuses these pieces for its
 training-free mode on other backbones, and hands :func:`block_sparse_attention` its fused CPU
 ``kernel`` (the model's own op, :class:`LearnedSparseAttention`, runs this eager code).
+
+The same layer on VGGT's row-major tokens (camera/register tokens, a reference frame, grids of
+any size) is :func:`gated_block_attention`, the layer of the ``vggt-nano-speed3r`` student; it
+and the training-free op share the row-major :class:`BlockTable` (:func:`block_table`), the
+selection branch with its log-sum-exp (:func:`selected_blocks_attention`) and the merge of
+partial softmaxes (:func:`merge_partial_attention`), all kept here because backbones never import
+``spark3r.accel``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -204,13 +213,20 @@ def gated_combine(out_pooled: torch.Tensor, out_selected: torch.Tensor, gates: t
 
 
 def gated_sparse_attention(inputs, window: tuple[int, int], top_k: int, chunk_elements: int = CHUNK_ELEMENTS,
-                           buffer: Optional[Buffer] = None, kernel: Optional[BlockKernel] = None) -> torch.Tensor:
-    """The official Speed3R layer (module docstring) from the layer's
+                           buffer: Optional[Buffer] = None, anchor_every: int = 0,
+                           kernel: Optional[BlockKernel] = None) -> torch.Tensor:
+    """A layer with learned Speed3R gates, from the layer's
     :class:`~spark3r.models.layers.attention.AttentionLayerInputs`: ``[B, H, N, d]`` before the
-    output projection. ``buffer(name, shape, dtype, device)`` may hand out reusable gather buffers;
-    ``kernel`` is handed to :func:`block_sparse_attention`."""
+    output projection. Window-major tokens (Speed3R-π3): the official layer (module docstring),
+    ``kernel`` handed to :func:`block_sparse_attention`; row-major tokens (VGGT family):
+    :func:`gated_block_attention` (eager). ``buffer(name, shape, dtype, device)`` may hand out
+    reusable gather buffers."""
     layout: TokenLayout = inputs.layout
+    if layout.window is None:
+        return gated_block_attention(inputs, window, top_k, anchor_every, chunk_elements, buffer)
     bt = window[0] * window[1]
+    if anchor_every:
+        raise ValueError("anchor frames (anchor_every) need a row-major layout with a reference frame")
     if layout.window != tuple(window) or layout.special_tokens:
         raise ValueError(
             f"a layer with learned Speed3R gates needs window-major tokens in {tuple(window)} windows and no "
@@ -228,9 +244,275 @@ def gated_sparse_attention(inputs, window: tuple[int, int], top_k: int, chunk_el
     return gated_combine(out_pooled, out_selected, inputs.gates(), bt)
 
 
+# ---------------------------------------------------------------------------------------------
+# Row-major blocks: VGGT-family layouts (special tokens, a reference frame, grids of any size).
+# Shared by the training-free op (spark3r.accel.speed3r) and the learned VGGT layer below.
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Blocks of a row-major layout (device tensors; depends only on the layout, window and
+    anchor stride). Query blocks cover every non-reference frame; key blocks are the query blocks
+    of the frames that are not anchors."""
+
+    tokens: torch.Tensor  # [nb, bt] int64 token of each block slot; padding slots repeat the block's first token
+    valid: torch.Tensor  # [nb, bt] bool, False for padding slots of edge windows
+    sizes: torch.Tensor  # [nb] float32 real tokens per block
+    key_blocks: torch.Tensor  # [nk] int64 rows of `tokens` that are selectable key blocks
+    dense: torch.Tensor  # [P] int64 queries attending densely: special tokens + reference frame
+    always: torch.Tensor  # [A] int64 keys every query sees exactly: `dense` + the anchor frames' patches
+    padded: bool
+
+    @property
+    def slot_weights(self) -> torch.Tensor:
+        """``[nb, 1, bt]`` float32: the weight of each slot in its block's mean (0 for padding)."""
+        return (self.valid.float() / self.sizes[:, None])[:, None, :]
+
+
+@lru_cache(maxsize=64)
+def _block_table(key: tuple, window: tuple[int, int], anchor_every: int, device: str) -> BlockTable:
+    frames, tpf, special, grid, ref = key
+    layout = TokenLayout(frames, tpf, special, grid, ref)
+    rows, cols = grid
+    wr, wc = window
+    nr, nc = -(-rows // wr), -(-cols // wc)
+    r = (torch.arange(nr)[:, None, None, None] * wr + torch.arange(wr)[None, None, :, None]).expand(nr, nc, wr, wc)
+    c = (torch.arange(nc)[None, :, None, None] * wc + torch.arange(wc)[None, None, None, :]).expand(nr, nc, wr, wc)
+    valid = ((r < rows) & (c < cols)).reshape(nr * nc, wr * wc)
+    local = (r * cols + c).reshape(nr * nc, wr * wc)
+    local = torch.where(valid, local, local[:, :1])  # slot 0 of a window is always inside the grid
+    kept = [f for f in range(frames) if f != ref]
+    frames_kept = torch.tensor(kept, dtype=torch.int64)
+    tokens = (frames_kept[:, None, None] * tpf + special + local[None]).reshape(-1, wr * wc)
+    valid = valid.expand(len(kept), -1, -1).reshape(-1, wr * wc)
+    anchor = torch.tensor([bool(anchor_every) and f % anchor_every == 0 for f in kept], dtype=torch.bool)
+    per_frame = nr * nc
+    key_blocks = torch.nonzero((~anchor).repeat_interleave(per_frame), as_tuple=False).flatten()
+    dense = torch.nonzero(layout.protected_mask(), as_tuple=False).flatten()
+    anchor_rows = torch.nonzero(anchor.repeat_interleave(per_frame), as_tuple=False).flatten()
+    anchor_tokens = tokens[anchor_rows][valid[anchor_rows]]
+    always = torch.cat((dense, anchor_tokens)).sort().values
+    return BlockTable(tokens.to(device), valid.to(device), valid.sum(-1).float().to(device), key_blocks.to(device),
+                      dense.to(device), always.to(device), bool((~valid).any()))
+
+
+@lru_cache(maxsize=16)
+def _window_major_table(num_tokens: int, block_tokens: int, device: str) -> BlockTable:
+    tokens = torch.arange(num_tokens).view(-1, block_tokens)
+    nb = tokens.shape[0]
+    empty = torch.zeros(0, dtype=torch.int64)
+    return BlockTable(tokens.to(device), torch.ones(nb, block_tokens, dtype=torch.bool, device=device),
+                      torch.full((nb,), float(block_tokens), device=device), torch.arange(nb, device=device),
+                      empty.to(device), empty.to(device), False)
+
+
+def block_table(layout: TokenLayout, window: tuple[int, int], device, anchor_every: int = 0) -> BlockTable:
+    """The blocks of ``layout``: windows of its row-major patch grids, or — for a window-major
+    layout (Speed3R-π3's decoder, no special tokens, no reference frame) — its consecutive
+    windows, which must then be ``window``."""
+    window = tuple(window)
+    # Cached tables are shared by later calls; built outside inference mode they stay usable
+    # by autograd (a table first built under torch.inference_mode would poison a training step).
+    with torch.inference_mode(False):
+        return _cached_block_table(layout, window, device, anchor_every)
+
+
+def _cached_block_table(layout: TokenLayout, window: tuple[int, int], device, anchor_every: int) -> BlockTable:
+    if layout.window is not None:
+        if layout.window != window or layout.special_tokens or layout.reference_frame is not None or anchor_every:
+            raise ValueError(f"a window-major layout ({layout.window} windows) takes block_size={layout.window}, no "
+                             f"special tokens, reference frame or anchors (got block_size={window}, "
+                             f"special_tokens={layout.special_tokens}, reference_frame={layout.reference_frame}, "
+                             f"anchor_every={anchor_every})")
+        return _window_major_table(layout.num_tokens, window[0] * window[1], str(torch.device(device)))
+    key = (layout.frames, layout.tokens_per_frame, layout.special_tokens, layout.grid, layout.reference_frame)
+    return _block_table(key, window, int(anchor_every), str(torch.device(device)))
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp: ``q [B, H, M, d]``, ``k, v [B, H, K, d]``, optional
+    additive ``key_bias`` broadcastable to ``[B, H, 1, K]`` -> ``(out [B, H, M, d], lse [B, H, M]
+    fp32)``. On CPU without autograd the flash kernel (which returns the log-sum-exp), elsewhere
+    an fp32 softmax."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if _CPU_FLASH is not None and q.device.type == "cpu" and not needs_grad:
+        mask = None if key_bias is None else key_bias.to(q.dtype)
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse.float()
+    logits = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    if key_bias is not None:
+        logits = logits + key_bias
+    top = logits.amax(-1, keepdim=True).detach()
+    weights = (logits - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    out = torch.matmul((weights / total).to(v.dtype), v)
+    return out, (top + total.log()).squeeze(-1)
+
+
+def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention over the union of disjoint key sets from each set's ``(out, lse)``
+    (shapes broadcastable to the first part's): ``sum_i exp(lse_i - L) out_i / sum_i exp(lse_i - L)``,
+    accumulated in fp32 in place (into ``out`` when given: an fp32 buffer of the first part's shape)."""
+    top = parts[0][1]
+    for _, lse in parts[1:]:
+        top = torch.maximum(top, lse)
+    weights = [(lse - top).exp() for _, lse in parts]
+    den = weights[0]
+    for w in weights[1:]:
+        den = den + w
+    first = parts[0][0]
+    num = torch.mul(first.float(), weights[0][..., None], out=out)
+    for (o, _), w in zip(parts[1:], weights[1:]):
+        num.addcmul_(o.float(), w[..., None])
+    return num.div_(den[..., None]).to(first.dtype)
+
+
+
+def selected_blocks_attention(q_blocks: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, rows: torch.Tensor, scale: float,
+                              key_bias: Optional[torch.Tensor] = None, buffer: Optional[Buffer] = None,
+                              tile_elements: int = TILE_ELEMENTS, out: Optional[torch.Tensor] = None,
+                              lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection branch with its log-sum-exp: the queries of each block attend, in one softmax,
+    to every token of their selected key blocks (:func:`selected_block_tiles`, one tile at a time).
+
+    ``q_blocks [G*c, bt, d]`` (G = batch x heads, c query blocks per head), ``kb, vb [G, n, bt, d]``,
+    ``rows [G, c, k]`` key blocks; ``key_bias [n, bt]`` an additive per-slot logit (``-inf`` for the
+    padding slots of edge windows) or None. Returns ``(out [G*c, bt, d], lse [G*c, bt] fp32)``,
+    written into ``out``/``lse`` when given."""
+    gc, bt, d = q_blocks.shape
+    top = rows.shape[-1]
+    if out is None:
+        out = torch.empty(gc, bt, d, dtype=q_blocks.dtype, device=q_blocks.device)
+    if lse is None:
+        lse = torch.empty(gc, bt, dtype=torch.float32, device=q_blocks.device)
+    flat_rows = rows.reshape(gc, top)
+    for ts, te, ks, vs in selected_block_tiles(kb, vb, rows, buffer, tile_elements):
+        bias = None
+        if key_bias is not None:
+            bias = key_bias.index_select(0, flat_rows[ts:te].reshape(-1)).view(1, te - ts, 1, top * bt)
+        o_t, lse_t = attend_with_lse(q_blocks[ts:te][None], ks[None], vs[None], scale, bias)
+        out[ts:te], lse[ts:te] = o_t[0], lse_t[0]
+    return out, lse
+
+
+def padding_bias(table: BlockTable) -> Optional[torch.Tensor]:
+    """``[nb, bt]`` additive logits masking the padding slots of edge windows (None without any)."""
+    if not table.padded:
+        return None
+    return torch.zeros(table.valid.shape, device=table.valid.device).masked_fill_(~table.valid, float("-inf"))
+
+
+def pooled_block_positions(pos: torch.Tensor, table: BlockTable, tokens_per_frame: int) -> torch.Tensor:
+    """Integer positions of the blocks of ``table``: the mean (row, col) of each block's real
+    tokens, truncated like :func:`pooled_positions`. ``pos [..., tokens_per_frame, 2]`` (one
+    frame's positions, repeating every frame) -> ``[..., nb, 2]`` int64."""
+    local = table.tokens % tokens_per_frame  # [nb, bt]
+    slot_pos = pos[..., local.reshape(-1), :].unflatten(-2, local.shape).float()  # [..., nb, bt, 2]
+    weight = table.slot_weights[:, 0, :, None]  # [nb, bt, 1]
+    return (slot_pos * weight).sum(-2).to(torch.int64)
+
+
+def gated_block_attention(inputs, window: tuple[int, int], top_k: int, anchor_every: int = 0,
+                          chunk_elements: int = CHUNK_ELEMENTS, buffer: Optional[Buffer] = None) -> torch.Tensor:
+    """The learned Speed3R layer on a row-major VGGT-family layout (camera/register tokens, a
+    reference frame, any grid): ``[B, H, N, d]`` before the output projection.
+
+    The paper's VGGT variant is not released; this is our design, the π3 layer carried over:
+
+    * **dense tokens**: every frame's special tokens and all tokens of the reference frame are
+      queries of dense attention over all keys (no gates) — they define the cameras and the
+      world frame;
+    * **blocks**: ``window`` windows of every non-reference frame's row-major patch grid (edge
+      windows smaller, masked) — the training-free op's :func:`block_table`;
+    * **compression**: as in the π3 layer, the *pre-norm* q/k/v projections mean-pooled per
+      block, the layer's qk-norm, RoPE at the truncated mean block position, one softmax over all
+      pooled key blocks; the same unscaled pooled logits choose each query block's ``top_k`` key
+      blocks per head (:func:`topk_key_blocks`; ``top_k`` capped at the number of key blocks —
+      no block is repeated, so ``top_k`` >= all blocks selects every key exactly once);
+    * **selection**: the block's normed, RoPE'd queries attend in *one* softmax to the tokens of
+      the selected blocks *and* to the always-selected tokens (specials of every frame,
+      the reference frame and, with ``anchor_every = n``, frames 0, n, 2n, ...);
+    * ``out = g_c * O_comp[block] + g_s * O_sel`` with the layer's gates ``sigmoid(Linear(C ->
+      2*heads))`` of its input (channel 2h = g_c, 2h+1 = g_s), as in the π3 layer.
+
+    So gates at ``(g_c, g_s) = (0, 1)`` with ``top_k`` >= all blocks are dense attention up to fp32
+    rounding. ``buffer`` may hand out reusable gather buffers (no autograd then)."""
+    layout: TokenLayout = inputs.layout
+    if layout.window is not None:
+        raise ValueError("gated_block_attention takes row-major layouts; window-major ones run gated_sparse_attention")
+    q, k, v = inputs.qkv()
+    b, h, _, d = q.shape
+    scale = inputs.scale
+    table = block_table(layout, window, q.device, anchor_every)
+    nb, bt = table.tokens.shape
+    if nb == 0:  # a single frame: only the reference frame, which attends densely
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    keys = table.key_blocks
+    nk = keys.numel()
+    flat = table.tokens.reshape(-1)
+
+    # Compression tokens from the pre-norm projections (v has no norm: the same tensor).
+    q_raw, k_raw, _ = inputs.projections()
+    weights = table.slot_weights
+    q_c = torch.matmul(weights, q_raw.index_select(2, flat).view(b, h, nb, bt, d).float()).squeeze(-2)
+    key_raw = k_raw.index_select(2, table.tokens[keys].reshape(-1)).view(b, h, nk, bt, d)
+    key_weights = weights.index_select(0, keys)
+    k_c = torch.matmul(key_weights, key_raw.float()).squeeze(-2)
+    v_c = torch.matmul(key_weights, v.index_select(2, table.tokens[keys].reshape(-1)).view(b, h, nk, bt, d).float()).squeeze(-2)
+    q_c, k_c = inputs.normalize(q_c.to(q_raw.dtype), k_c.to(k_raw.dtype))
+    if inputs.pos is not None:
+        pos_c = pooled_block_positions(inputs.pos, table, layout.tokens_per_frame)
+        q_c, k_c = inputs.rotate(q_c, pos_c), inputs.rotate(k_c, pos_c[..., keys, :])
+    k_c_t, v_c = k_c.float().transpose(-1, -2), v_c.float()
+
+    gates = inputs.gates().unflatten(-1, (h, 2)).permute(0, 2, 1, 3)  # [B, H, N, 2]
+    gates = gates.index_select(2, flat).view(b, h, nb, bt, 2)
+    out = torch.empty_like(q)
+    if table.dense.numel():
+        out[:, :, table.dense] = F.scaled_dot_product_attention(q.index_select(2, table.dense), k, v, scale=scale)
+    qb, kb, vb = (t.index_select(2, flat).view(b, h, nb, bt, d) for t in (q, k, v))
+    always = None
+    if table.always.numel():
+        o_always, lse_always = attend_with_lse(qb.view(b, h, nb * bt, d), k.index_select(2, table.always),
+                                               v.index_select(2, table.always), scale)
+        always = (o_always.view(b, h, nb, bt, d), lse_always.view(b, h, nb, bt))
+    key_bias = padding_bias(table)
+    top = min(int(top_k), nk)
+    kb_heads, vb_heads = kb.view(b * h, nb, bt, d), vb.view(b * h, nb, bt, d)
+    per_block = b * h * (2 * nk + 4 * bt * d)
+    for s, e in chunk_ranges(nb, per_block, chunk_elements):
+        c = e - s
+        parts = [] if always is None else [(always[0][:, :, s:e], always[1][:, :, s:e])]
+        if top:
+            logits = torch.matmul(q_c[:, :, s:e].float(), k_c_t)  # [B, H, c, nk]
+            index = topk_key_blocks(logits, top)
+            o_comp = torch.matmul(torch.softmax(logits * scale, dim=-1), v_c)
+            rows = keys[index].view(b * h, c, top)
+            o_sel, lse_sel = selected_blocks_attention(qb[:, :, s:e].reshape(b * h * c, bt, d), kb_heads, vb_heads, rows,
+                                                       scale, key_bias, buffer, min(TILE_ELEMENTS, chunk_elements))
+            parts.append((o_sel.view(b, h, c, bt, d), lse_sel.view(b, h, c, bt)))
+        else:  # every frame an anchor: no blocks to pool or select
+            o_comp = q.new_zeros(b, h, c, d, dtype=torch.float32)
+        selected = parts[0][0] if len(parts) == 1 else merge_partial_attention(parts)
+        g = gates[:, :, s:e].to(selected.dtype)
+        mixed = g[..., 0:1] * o_comp[:, :, :, None, :].to(selected.dtype) + g[..., 1:2] * selected
+        if table.padded:
+            valid = table.valid[s:e]
+            out[:, :, table.tokens[s:e][valid]] = mixed[:, :, valid]
+        else:
+            out[:, :, table.tokens[s:e].reshape(-1)] = mixed.reshape(b, h, c * bt, d)
+    return out
+
+
 class LearnedSparseAttention:
-    """The global op a Speed3R backbone installs on its own gated layers: the official layer
-    (:func:`gated_sparse_attention`) with the window and top-k it was trained with. It needs the
+    """The global op a Speed3R backbone installs on its own gated layers: the learned layer
+    (:func:`gated_sparse_attention`: the official one on Speed3R-π3's window-major tokens,
+    :func:`gated_block_attention` on a VGGT student's row-major tokens) with the window and top-k
+    it was trained with. It needs the
     layer, not just q/k/v (``attend_layer``); ``spark3r.accel.apply(model, "speed3r", ...)``
     replaces it (other window/top-k, pricing), ``spark3r.accel.remove`` makes the layer dense."""
 
