@@ -88,3 +88,26 @@ def ros_context():
         yield context
     finally:
         context.try_shutdown()
+
+
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory):
+    """One temporary kernel cache per test session (each kernel compiles once, ~3 s)."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture
+def native_kernel(monkeypatch, kernel_cache):
+    """``load(name)``: the native kernel ``name`` built into the session's temporary cache and
+    loaded afresh (returns the cache folder); skips where no C compiler works."""
+    from spark3r.accel import native
+
+    monkeypatch.setenv("SPARK3R_KERNEL_CACHE", str(kernel_cache))
+    monkeypatch.setattr(native, "_libraries", {})
+
+    def load(name: str):
+        if native.load(name) is None:
+            pytest.skip("no working C compiler here: only the eager path can be tested")
+        return kernel_cache
+
+    return load

@@ -18,13 +18,8 @@ LAYOUTS = [
 
 
 @pytest.fixture
-def kernels(monkeypatch, tmp_path):
-    """A fresh build of the kernels into a temporary cache."""
-    monkeypatch.setenv("SPARK3R_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "_libraries", {})
-    if native.load("pair_merge") is None:
-        pytest.skip("no working C compiler here: only the eager path can be tested")
-    return tmp_path
+def kernels(native_kernel):
+    return native_kernel("pair_merge")
 
 
 @pytest.mark.parametrize("dim", [16, 24])  # 24: a head size that is not a multiple of the kernel's lanes

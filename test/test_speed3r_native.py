@@ -13,19 +13,9 @@ from spark3r.models.layers.layout import TokenLayout
 from spark3r.models.layers.sparse_attention import block_sparse_attention
 
 
-@pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("kernels")
-
-
 @pytest.fixture
-def kernels(monkeypatch, kernel_cache):
-    """The kernels built once per module into a temporary cache, loaded afresh."""
-    monkeypatch.setenv("SPARK3R_KERNEL_CACHE", str(kernel_cache))
-    monkeypatch.setattr(native, "_libraries", {})
-    if native.load("block_attention") is None:
-        pytest.skip("no working C compiler here: only the eager path can be tested")
-    return kernel_cache
+def kernels(native_kernel):
+    return native_kernel("block_attention")
 
 
 def eager(monkeypatch, fn):
