@@ -50,6 +50,23 @@ def test_objective_is_zero_ish_for_the_ground_truth():
     assert compute_objective(worse, batch, ObjectiveConfig())["loss_reg_depth"] > 0.05
 
 
+def test_geometric_point_loss_is_zero_for_the_truth_and_moves_the_poses():
+    batch = batch_to_tensors(render_batch(dataclasses.replace(TINY_DATA, min_frames=3, max_frames=3), 2), "cpu")
+    depth = batch["depth"].double()
+    ext, nd, _ = normalize_scene(batch["c2w"].double(), depth, batch["K"].double(), depth > 0)
+    pose = extrinsics_intrinsics_to_pose_encoding(ext, batch["K"].double(), depth.shape[-2:]).float()
+    cfg = ObjectiveConfig(point_weight=1.0)
+    truth = {"pose_enc_list": [pose], "depth": nd.float()[..., None], "depth_conf": torch.ones_like(nd).float() + 1}
+    assert compute_objective(truth, batch, cfg)["loss_point"] < 1e-4
+    assert "loss_point" not in compute_objective(truth, batch, ObjectiveConfig())  # off by default
+    # Every frame's pose gets a gradient from its pixels (frame 0's too: it is the frame all others are in).
+    constant = pose.mean(1, keepdim=True).expand_as(pose).clone().requires_grad_(True)
+    losses = compute_objective(dict(truth, pose_enc_list=[constant]), batch, cfg)
+    assert losses["loss_point"] > 0.01
+    losses["loss_point"].backward()
+    assert (constant.grad[0].abs().sum(-1) > 0).all()
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     assert learning_rate(0, cfg) == pytest.approx(1e-4)

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aspect", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"), help="height/width range")
     p.add_argument("--camera-weight", type=float, default=5.0, help="weight of the camera loss (VGGT: 5) >= 0")
     p.add_argument("--depth-weight", type=float, default=1.0, help="weight of the depth loss (VGGT: 1) >= 0")
+    p.add_argument("--point-weight", type=float, default=0.0,
+                   help="weight of the geometric point loss (predicted depth unprojected with the predicted camera "
+                        "vs true first-frame points; a dense cross-view signal) >= 0; 0 = VGGT's objective")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps")
     p.add_argument("--keep", type=int, default=3, help="newest checkpoints kept")
     p.add_argument("--eval-every", type=int, default=500, help="held-out evaluation interval in steps")
@@ -72,7 +75,8 @@ def _config_from_args(args, preset: str, init_from: str = ""):
                       max_frames=args.frames[1], widths=tuple(args.widths), min_aspect=args.aspect[0],
                       max_aspect=args.aspect[1])
     evaluation = EvalConfig(num_windows=args.eval_windows, width=args.eval_width)
-    objective = ObjectiveConfig(camera_weight=args.camera_weight, depth_weight=args.depth_weight)
+    objective = ObjectiveConfig(camera_weight=args.camera_weight, depth_weight=args.depth_weight,
+                                point_weight=args.point_weight)
     return TrainConfig(preset=preset, init_from=init_from, objective=objective, steps=args.steps or 60000, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        init_seed=args.init_seed, layer_scale_init=args.layer_scale_init, ckpt_every=args.ckpt_every, keep_checkpoints=args.keep,
