@@ -155,6 +155,17 @@ def test_init_starts_a_new_stage_from_trained_weights(tmp_path):
         ObjectiveConfig(camera_weight=-1.0)
 
 
+def test_motion_curriculum_draws_only_the_given_motions():
+    cfg = dataclasses.replace(TINY_DATA, motions=("rotation",))
+    batch = render_batch(cfg, 3)
+    from spark3r.data.procedural import render_procedural
+    frames, h, w, seeds = batch_layout(cfg, 3)
+    assert np.array_equal(batch["c2w"][0], render_procedural(seeds[0], frames, h, w, motion="rotation").c2w)
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="motions"):
+        DataConfig(motions=("teleport",))
+
+
 def test_depth_metrics_are_scale_invariant():
     rng = np.random.default_rng(0)
     gt = rng.uniform(1, 5, (3, 8, 8))

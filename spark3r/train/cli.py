@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="sequences per step [1, 256]")
     p.add_argument("--frames", type=int, nargs=2, default=(2, 24), metavar=("MIN", "MAX"), help="frames per sequence")
     p.add_argument("--widths", type=int, nargs="+", default=(126, 140, 154), help="input widths drawn per step (multiples of 14)")
+    p.add_argument("--motions", nargs="+", default=(), metavar="MOTION",
+                   help="camera motions drawn for the training sequences (orbit forward random_walk rotation; default: "
+                        "each scene's own draw), e.g. a curriculum stage on near-pure rotations")
     p.add_argument("--aspect", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"), help="height/width range")
     p.add_argument("--camera-weight", type=float, default=5.0, help="weight of the camera loss (VGGT: 5) >= 0")
     p.add_argument("--depth-weight", type=float, default=1.0, help="weight of the depth loss (VGGT: 1) >= 0")
@@ -73,7 +76,7 @@ def _config_from_args(args, preset: str, init_from: str = ""):
 
     data = DataConfig(data_seed=args.data_seed, batch_size=args.batch_size, min_frames=args.frames[0],
                       max_frames=args.frames[1], widths=tuple(args.widths), min_aspect=args.aspect[0],
-                      max_aspect=args.aspect[1])
+                      max_aspect=args.aspect[1], motions=tuple(args.motions))
     evaluation = EvalConfig(num_windows=args.eval_windows, width=args.eval_width)
     objective = ObjectiveConfig(camera_weight=args.camera_weight, depth_weight=args.depth_weight,
                                 point_weight=args.point_weight)

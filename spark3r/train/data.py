@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from spark3r.data.procedural import render_procedural, train_seed
+from spark3r.data.procedural import MOTIONS, render_procedural, train_seed
 
 PATCH = 14
 
@@ -33,8 +33,12 @@ class DataConfig:
     widths: tuple[int, ...] = (126, 140, 154)  # network input widths (multiples of 14)
     min_aspect: float = 0.5  # height / width drawn in [min_aspect, max_aspect], rounded to 14 px
     max_aspect: float = 1.0
+    motions: tuple[str, ...] = ()  # camera motions to draw from (a curriculum); () = each scene's own draw
 
     def __post_init__(self) -> None:
+        bad = [m for m in self.motions if m not in MOTIONS]
+        if bad or len(set(self.motions)) != len(self.motions):
+            raise ValueError(f"motions must be distinct names from {MOTIONS}, got {self.motions!r}")
         if not isinstance(self.data_seed, int) or self.data_seed < 0:
             raise ValueError(f"data_seed must be an integer >= 0, got {self.data_seed!r}")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 256:
@@ -49,12 +53,14 @@ class DataConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["widths"] = list(self.widths)
+        d["motions"] = list(self.motions)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
         d = dict(d)
         d["widths"] = tuple(d["widths"])
+        d["motions"] = tuple(d.get("motions", ()))
         return cls(**d)
 
 
@@ -68,11 +74,20 @@ def batch_layout(cfg: DataConfig, index: int) -> tuple[int, int, int, list[int]]
     return frames, height, width, seeds
 
 
+def batch_motions(cfg: DataConfig, index: int) -> list:
+    """The camera motion of each sequence of batch ``index`` (None = the scene's own draw)."""
+    if not cfg.motions:
+        return [None] * cfg.batch_size
+    rng = np.random.default_rng([cfg.data_seed, int(index), 0x3071])
+    return [str(rng.choice(cfg.motions)) for _ in range(cfg.batch_size)]
+
+
 def render_batch(cfg: DataConfig, index: int) -> dict:
     """Batch ``index`` as numpy arrays: ``images`` uint8 [B,S,H,W,3], ``depth`` float32
     [B,S,H,W] (metric z-depth), ``c2w`` float64 [B,S,4,4] (OpenCV), ``K`` float64 [B,S,3,3]."""
     frames, height, width, seeds = batch_layout(cfg, index)
-    seqs = [render_procedural(seed, frames, height, width) for seed in seeds]
+    seqs = [render_procedural(seed, frames, height, width, motion=motion)
+            for seed, motion in zip(seeds, batch_motions(cfg, index))]
     return {
         "index": int(index),
         "seeds": seeds,
