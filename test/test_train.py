@@ -137,13 +137,14 @@ def test_init_starts_a_new_stage_from_trained_weights(tmp_path):
     first, src = read_resume_payload(tmp_path / "stage1")
     # Stage 2: other data and loss weights; the weights carry over, the optimizer and step do not.
     assert cli_main(_tiny_args(tmp_path / "stage2", "--init", str(tmp_path / "stage1"), "--until-step", "0",
-                               "--frames", "2", "2", "--camera-weight", "10")) == 0
+                               "--frames", "2", "2", "--camera-weight", "10", "--rotation-weight", "4")) == 0
     second, _ = read_resume_payload(tmp_path / "stage2")
     assert second["run_state"]["step"] == 0 and not second["optimizer"]["state"]
     for k in first["model"]:
         assert torch.equal(first["model"][k], second["model"][k]), k
     cfg = second["train_config"]
     assert cfg["init_from"] == str(src) and cfg["objective"]["camera_weight"] == 10.0
+    assert cfg["objective"]["weight_rot"] == 4.0
     assert cfg["data"]["max_frames"] == 2
     # Continuing a stage with --resume keeps its settings; mixing both, or a wrong preset, is refused.
     assert cli_main(["train", "--out", str(tmp_path / "stage2"), "--resume", str(tmp_path / "stage2"),

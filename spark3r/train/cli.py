@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aspect", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"), help="height/width range")
     p.add_argument("--camera-weight", type=float, default=5.0, help="weight of the camera loss (VGGT: 5) >= 0")
     p.add_argument("--depth-weight", type=float, default=1.0, help="weight of the depth loss (VGGT: 1) >= 0")
+    p.add_argument("--rotation-weight", type=float, default=1.0,
+                   help="weight of the rotation term inside the camera loss (VGGT: 1; translation 1, FoV 0.5) >= 0")
     p.add_argument("--point-weight", type=float, default=0.0,
                    help="weight of the geometric point loss (predicted depth unprojected with the predicted camera "
                         "vs true first-frame points; a dense cross-view signal) >= 0; 0 = VGGT's objective")
@@ -79,7 +81,7 @@ def _config_from_args(args, preset: str, init_from: str = ""):
                       max_aspect=args.aspect[1], motions=tuple(args.motions))
     evaluation = EvalConfig(num_windows=args.eval_windows, width=args.eval_width)
     objective = ObjectiveConfig(camera_weight=args.camera_weight, depth_weight=args.depth_weight,
-                                point_weight=args.point_weight)
+                                point_weight=args.point_weight, weight_rot=args.rotation_weight)
     return TrainConfig(preset=preset, init_from=init_from, objective=objective, steps=args.steps or 60000, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        init_seed=args.init_seed, layer_scale_init=args.layer_scale_init, ckpt_every=args.ckpt_every, keep_checkpoints=args.keep,

@@ -47,7 +47,7 @@ class ObjectiveConfig:
     point_weight: float = 0.0  # geometric point loss (module docstring); 0 = VGGT's objective
 
     def __post_init__(self) -> None:
-        for name in ("camera_weight", "depth_weight", "point_weight"):
+        for name in ("camera_weight", "depth_weight", "point_weight", "weight_trans", "weight_rot", "weight_fov"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf")):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
