@@ -178,6 +178,9 @@ def wait_for_publishers(subscription, n: int = 1, timeout: float = 10.0, process
           f"{n} publisher(s) on {subscription.topic_name}", process)
 
 
+FINISHED_GRACE_S = 5.0
+
+
 def spin_until(
     nodes,
     predicate: Callable[[], bool],
@@ -187,7 +190,9 @@ def spin_until(
     """Spin ``nodes`` (a node or a list of nodes) until ``predicate()`` is true.
 
     Returns False on timeout (so the test can assert with its own message); raises if
-    ``process`` died meanwhile, with its output.
+    ``process`` failed meanwhile, with its output. A process that finished cleanly (exit 0, e.g.
+    a bag replay at its end) is not a failure: what it sent may still be in flight, so spinning
+    goes on for up to ``FINISHED_GRACE_S`` more seconds (within ``timeout``).
     """
     from rclpy.executors import SingleThreadedExecutor
 
@@ -198,8 +203,11 @@ def spin_until(
     try:
         deadline = time.monotonic() + timeout
         while not predicate():
-            if process is not None:
-                process.check_alive()
+            if process is not None and not process.running():
+                if process.popen.returncode != 0:
+                    process.check_alive()
+                deadline = min(deadline, time.monotonic() + FINISHED_GRACE_S)
+                process = None
             if time.monotonic() > deadline:
                 return False
             executor.spin_once(timeout_sec=0.02)
